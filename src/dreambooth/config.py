@@ -1,0 +1,256 @@
+"""Settings as dataclasses: one field per flag, with the help text the CLI shows.
+
+A config file (YAML or TOML) holds the same keys as the flags in snake_case; flags override the
+file; unknown keys and wrong types are errors that name the key. `to_dict` gives what a run records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dreambooth.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+SCHEDULER_NAMES = ("ddim", "ddpm", "pndm", "euler", "euler-a", "dpm++", "unipc")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
+           positive: bool = False, non_negative: bool = False, cli: bool = True) -> Any:
+    """A dataclass field carrying its CLI help and simple validation rules."""
+    metadata = {"help": help, "choices": choices, "positive": positive, "non_negative": non_negative, "cli": cli}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class ClassImagesConfig:
+    """Generate class images with the base model, topping a folder up to N images."""
+
+    model: str = option(help="Base model: hub id, diffusers folder, .safetensors file or a finished RUN folder.")
+    prompt: str = option(help='The class prompt, e.g. "a photo of a cat".')
+    output: str = option(help="Folder of class images; existing images are kept and count toward --num-images.")
+    num_images: int = option(200, "How many images the folder should hold.", positive=True)
+    steps: int = option(25, "Sampling steps per image.", positive=True)
+    guidance: float = option(7.5, "Classifier-free guidance scale.", non_negative=True)
+    batch_size: int = option(4, "Images generated at once.", positive=True)
+    seed: int = option(0, "Image i uses seed + i, so a top-up never repeats an existing image.")
+    negative_prompt: str = option("", "What the class images should not show.")
+    allow_pickle: bool = option(False, "Allow loading a pickled .ckpt model (runs code from the file).")
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+@dataclass
+class TrainConfig:
+    """DreamBooth fine-tuning of a Stable Diffusion model on a few instance images."""
+
+    model: str = option(help="Base model: hub id, diffusers folder, .safetensors file or a finished RUN folder.")
+    instance_dir: str = option(help="Folder of photos of the subject (jpg, png, webp); a .txt beside an image is its caption.")
+    instance_prompt: str = option(help='Prompt naming the subject, e.g. "a photo of miru cat".')
+    output: str = option(help="The RUN folder to write.")
+    class_dir: str | None = option(None, "Folder of class images for prior preservation (topped up with the base model).")
+    class_prompt: str | None = option(None, 'Class prompt, e.g. "a photo of a cat"; turns on prior preservation.')
+    num_class_images: int = option(200, "Class images to have before training; missing ones are generated.", positive=True)
+    prior_loss_weight: float = option(1.0, "Weight of the class (prior-preservation) loss.", non_negative=True)
+    class_image_steps: int = option(25, "Sampling steps when generating class images.", positive=True)
+    class_image_guidance: float = option(7.5, "Guidance scale when generating class images.", non_negative=True)
+    class_image_batch_size: int = option(4, "Class images generated at once.", positive=True)
+    resolution: int = option(512, "Training resolution in pixels (a multiple of 8).", positive=True)
+    learning_rate: float = option(5e-6, "UNet learning rate.", positive=True)
+    max_train_steps: int = option(400, "Optimizer steps to train.", positive=True)
+    train_batch_size: int = option(1, "Instance images per step (as many class images are added).", positive=True)
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.", positive=True)
+    lr_scheduler: str = option("constant", "Learning-rate schedule.", choices=LR_SCHEDULES)
+    lr_warmup_steps: int = option(0, "Warm-up steps of the schedule.", non_negative=True)
+    train_text_encoder: bool = option(False, "Fine-tune the text encoder too.")
+    text_encoder_learning_rate: float | None = option(None, "Text-encoder learning rate (default: --learning-rate).", positive=True)
+    adam_weight_decay: float = option(1e-2, "AdamW weight decay.", non_negative=True)
+    mixed_precision: str = option("no", "Mixed precision for the forward pass.", choices=MIXED_PRECISION)
+    gradient_checkpointing: bool = option(False, "Trade compute for memory in the UNet (and text encoder).")
+    center_crop: bool = option(False, "Crop the centre after resizing (default: a random crop).")
+    random_flip: bool = option(False, "Flip images horizontally at random.")
+    max_grad_norm: float = option(1.0, "Clip the gradient norm to this (0 turns clipping off).", non_negative=True)
+    offset_noise: float = option(0.0, "Offset-noise strength (helps very dark or bright images).", non_negative=True)
+    snr_gamma: float | None = option(None, "Min-SNR loss weighting gamma (5.0 is the paper's value).", positive=True)
+    checkpoint_every: int = option(0, "Save a resumable checkpoint every N steps (0: never).", non_negative=True)
+    keep_checkpoints: int = option(2, "Keep only the newest K checkpoints.", positive=True)
+    resume: bool = option(False, "Continue the run in --output from its newest checkpoint.")
+    overwrite: bool = option(False, "Start afresh in an --output that holds a run (the old files are moved aside, not deleted).")
+    validation_prompt: list[str] = option([], "Prompts to render during training (repeat or list several).")
+    validation_every: int = option(0, "Render validation images every N steps (0: only at the end).", non_negative=True)
+    validation_seeds: list[int] = option([0, 1], "Seeds of the validation images.")
+    validation_steps: int = option(25, "Sampling steps of validation images.", positive=True)
+    seed: int = option(0, "Seed for data order, noise and timesteps: the same seed gives the same run.")
+    allow_pickle: bool = option(False, "Allow loading a pickled .ckpt model (runs code from the file).")
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        if self.resolution % 8:
+            raise UserError(f"--resolution {self.resolution}: must be a multiple of 8 (e.g. {self.resolution // 8 * 8 or 8})")
+        if self.class_dir and not self.class_prompt:
+            raise UserError("--class-dir needs --class-prompt (the prompt its images show, e.g. \"a photo of a cat\")")
+        if self.class_prompt and not self.class_dir:
+            raise UserError("--class-prompt needs --class-dir (where the class images are kept)")
+        if self.resume and self.overwrite:
+            raise UserError("--resume and --overwrite contradict each other; pick one")
+
+    @property
+    def with_prior_preservation(self) -> bool:
+        return bool(self.class_prompt)
+
+
+@dataclass
+class GenerateConfig:
+    """Render prompts with a model over a grid of sampling settings and seeds."""
+
+    model: str = option(help="Model: hub id, diffusers folder, .safetensors file or a finished RUN folder.")
+    prompt: list[str] = option(help="Prompts to render (repeat or list several).")
+    output: str = option(help="Folder for images/, manifest.jsonl and grid.png.")
+    negative_prompt: str = option("", "What the images should not show.")
+    steps: list[int] = option([30], "Sampling steps; several values make grid rows.")
+    guidance: list[float] = option([7.5], "Guidance scales; several values make grid rows.")
+    seeds: list[int] = option([0], "Seeds; each makes one image per prompt and setting.")
+    scheduler: str = option("ddim", "Sampler.", choices=SCHEDULER_NAMES)
+    height: int | None = option(None, "Image height (default: the model's native size).", positive=True)
+    width: int | None = option(None, "Image width (default: the model's native size).", positive=True)
+    batch_size: int = option(1, "Images rendered at once.", positive=True)
+    overwrite: bool = option(False, "Write into an --output that already holds a generation (old files are moved aside).")
+    allow_pickle: bool = option(False, "Allow loading a pickled .ckpt model (runs code from the file).")
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        for name in ("steps", "seeds"):
+            if not getattr(self, name):
+                raise UserError(f"{flag_name(name)}: give at least one value")
+        if any(value <= 0 for value in self.steps):
+            raise UserError(f"--steps {self.steps}: sampling steps must be positive")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and value % 8:
+                raise UserError(f"{flag_name(name)} {value}: must be a multiple of 8")
+
+
+def validate_fields(config: Any) -> None:
+    """Check the per-field rules declared with `option` and that required fields are present."""
+    for spec in dataclasses.fields(config):
+        value = getattr(config, spec.name)
+        if value is dataclasses.MISSING or value is None and _is_required(spec):
+            raise UserError(f"missing {flag_name(spec.name)} (or `{spec.name}:` in the --config file)")
+        rules = spec.metadata
+        if value is None:
+            continue
+        if rules.get("choices") and value not in rules["choices"]:
+            raise UserError(f"{flag_name(spec.name)} {value}: choose one of {', '.join(rules['choices'])}")
+        numbers = value if isinstance(value, list) else [value]
+        for number in numbers:
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                continue
+            if rules.get("positive") and number <= 0:
+                raise UserError(f"{flag_name(spec.name)} {number}: must be greater than 0")
+            if rules.get("non_negative") and number < 0:
+                raise UserError(f"{flag_name(spec.name)} {number}: must not be negative")
+
+
+def _is_required(spec: dataclasses.Field) -> bool:
+    return spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or TOML config file into a dict of settings."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as error:
+        raise UserError(f"--config {path}: not valid {'TOML' if path.suffix.lower() == '.toml' else 'YAML'} ({error})") from error
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: must hold a mapping of settings, not a {type(data).__name__}")
+    return data
+
+
+def build_config(cls: type, file_values: dict[str, Any], overrides: dict[str, Any], source: str = "--config file"):
+    """Merge defaults < file values < flag overrides into a validated `cls`."""
+    fields = {spec.name: spec for spec in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for key, value in file_values.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise UserError(f"{source}: unknown key '{key}' (known keys: {', '.join(sorted(fields))})")
+        values[name] = coerce(value, hints[name], f"{source}: key '{key}'")
+    for name, value in overrides.items():
+        if value is not None:
+            values[name] = value
+    for name, spec in fields.items():
+        if name not in values and _is_required(spec):
+            values[name] = None  # validate_fields names the missing flag
+    return cls(**values)
+
+
+def coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check a config-file value against a field's type hint, converting only where lossless."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if value is None:
+            return None
+        return coerce(value, options[0], where)
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        items = value if isinstance(value, list) else [value]
+        return [coerce(item, item_hint, where) for item in items]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-6" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    type_name = getattr(hint, "__name__", str(hint))
+    raise UserError(f"{where}: expected {type_name}, got {json.dumps(value, default=str)}")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The settings as plain data, ready for YAML."""
+    return dataclasses.asdict(config)
+
+
+def cli_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    """Fields and their resolved type hints, for building the command line."""
+    hints = typing.get_type_hints(cls)
+    return [(spec, hints[spec.name]) for spec in dataclasses.fields(cls) if spec.metadata.get("cli", True)]

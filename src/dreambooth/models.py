@@ -1,0 +1,231 @@
+"""Load the generator: the only place that calls from_pretrained / from_single_file for it.
+
+A MODEL is a hub id, a diffusers folder, a single checkpoint file or a finished RUN folder. Which
+Stable Diffusion family it is (SD 1.x / 2.x share one code path; SDXL has two text encoders) is told
+apart here and nowhere else, so training and sampling only ask `components.family`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from dreambooth.errors import UserError
+
+Family = Literal["sd", "sdxl"]
+SourceKind = Literal["folder", "single_file", "hub"]
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model lives and which family it is, decided before any weights are read."""
+
+    kind: SourceKind
+    location: str
+    family: Family
+    requested: str  # what the user typed, for messages and records
+
+
+@dataclass
+class Components:
+    """The parts of a Stable Diffusion pipeline that training touches, loaded in fp32."""
+
+    source: ModelSource
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: Any  # a DDPMScheduler with the model's betas and prediction type
+    pipeline_class: type
+    tokenizer_2: Any = None  # SDXL only
+    text_encoder_2: torch.nn.Module | None = None  # SDXL only
+
+    @property
+    def family(self) -> Family:
+        return self.source.family
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+
+def resolve_model(model: str, allow_pickle: bool = False) -> ModelSource:
+    """Decide what kind of MODEL the user named, or explain in one line why it is not one."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in PICKLE_SUFFIXES and not allow_pickle:
+            raise UserError(
+                f"--model {model}: {suffix} checkpoints are pickled and loading one can run arbitrary code; "
+                "convert it to .safetensors, or pass --allow-pickle if you trust the file"
+            )
+        if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
+            raise UserError(f"--model {model}: a single-file model must be .safetensors (or .ckpt with --allow-pickle)")
+        return ModelSource("single_file", str(path), _single_file_family(path), model)
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            return ModelSource("folder", str(path), _folder_family(path), model)
+        if (path / "pipeline" / "model_index.json").is_file():  # a finished RUN folder
+            return ModelSource("folder", str(path / "pipeline"), _folder_family(path / "pipeline"), model)
+        raise UserError(
+            f"--model {model}: this folder is not a diffusers pipeline (no model_index.json) "
+            "nor a finished run (no pipeline/model_index.json)"
+        )
+    if HUB_ID.match(model) and not model.startswith((".", "~")):
+        return ModelSource("hub", model, _hub_family(model), model)
+    raise UserError(f"--model {model}: no such file or folder, and not a hub id of the form owner/name")
+
+
+def load_pipeline(
+    model: str | ModelSource,
+    *,
+    allow_pickle: bool = False,
+    torch_dtype: torch.dtype | None = None,
+    **component_overrides: Any,
+):
+    """Load a whole pipeline (for sampling or saving), optionally with some components replaced."""
+    source = model if isinstance(model, ModelSource) else resolve_model(model, allow_pickle)
+    pipeline_class = _pipeline_class(source.family)
+    kwargs: dict[str, Any] = dict(component_overrides)
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    try:
+        if source.kind == "single_file":
+            return pipeline_class.from_single_file(source.location, **kwargs)
+        return pipeline_class.from_pretrained(source.location, use_safetensors=_has_safetensors(source), **kwargs)
+    except UserError:
+        raise
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise UserError(_load_failure(source, error)) from error
+
+
+def load_components(model: str, *, allow_pickle: bool = False) -> Components:
+    """Load the trainable and frozen parts for training, in fp32, without the safety checker."""
+    from diffusers import DDPMScheduler
+
+    source = resolve_model(model, allow_pickle)
+    extra = {"safety_checker": None, "requires_safety_checker": False} if source.family == "sd" else {}
+    pipeline = load_pipeline(source, **extra)
+    return Components(
+        source=source,
+        tokenizer=pipeline.tokenizer,
+        text_encoder=pipeline.text_encoder,
+        vae=pipeline.vae,
+        unet=pipeline.unet,
+        # Training always adds noise the DDPM way; the sampler the model ships with is irrelevant here.
+        noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config),
+        pipeline_class=type(pipeline),
+        tokenizer_2=getattr(pipeline, "tokenizer_2", None),
+        text_encoder_2=getattr(pipeline, "text_encoder_2", None),
+    )
+
+
+def assemble_pipeline(components: Components, scheduler: Any = None):
+    """A pipeline over the in-memory components (for validation images during training)."""
+    parts: dict[str, Any] = dict(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=components.unet,
+        scheduler=scheduler or components.noise_scheduler,
+    )
+    if components.family == "sdxl":
+        parts.update(text_encoder_2=components.text_encoder_2, tokenizer_2=components.tokenizer_2)
+    else:
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return components.pipeline_class(**parts)
+
+
+def default_device() -> torch.device:
+    """The best device this machine has."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """Half precision where it is fast and supported, full precision on the CPU."""
+    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+def _pipeline_class(family: Family) -> type:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+
+
+def _folder_family(folder: Path) -> Family:
+    try:
+        class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"--model {folder}: model_index.json is unreadable ({error})") from error
+    return _family_from_class_name(class_name, str(folder))
+
+
+def _family_from_class_name(class_name: str, where: str) -> Family:
+    if "XL" in class_name:
+        return "sdxl"
+    if class_name.startswith("StableDiffusion"):
+        return "sd"
+    raise UserError(f"--model {where}: a {class_name or 'unknown'} pipeline is not a Stable Diffusion model")
+
+
+def _single_file_family(path: Path) -> Family:
+    """SDXL checkpoints carry a second text encoder under `conditioner.embedders.1`."""
+    if path.suffix.lower() != ".safetensors":
+        return "sd"  # pickled files are not opened before loading; diffusers infers their layout
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = handle.keys()
+    except Exception as error:  # safetensors raises its own error types for a damaged header
+        raise UserError(f"--model {path}: not a readable .safetensors file ({error})") from error
+    return "sdxl" if any(key.startswith("conditioner.embedders.1") for key in keys) else "sd"
+
+
+def _hub_family(model_id: str) -> Family:
+    from diffusers import DiffusionPipeline
+
+    try:
+        config = DiffusionPipeline.load_config(model_id)
+    except Exception as error:  # the hub client raises many types; all mean "could not get it"
+        source = ModelSource("hub", model_id, "sd", model_id)
+        raise UserError(_load_failure(source, error)) from error
+    return _family_from_class_name(config.get("_class_name", ""), model_id)
+
+
+def _has_safetensors(source: ModelSource) -> bool | None:
+    """Insist on safetensors for local folders that have them; let the hub client decide otherwise."""
+    if source.kind != "folder":
+        return None
+    return any(Path(source.location).rglob("*.safetensors")) or None
+
+
+def _load_failure(source: ModelSource, error: BaseException) -> str:
+    from huggingface_hub import constants
+
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if source.kind == "hub":
+        if constants.HF_HUB_OFFLINE:
+            return (
+                f"--model {source.requested}: not in the local cache and the hub is offline (HF_HUB_OFFLINE is set); "
+                "download it first or pass a local folder"
+            )
+        return f"--model {source.requested}: could not load it from the hub ({first_line}); check the id and your network"
+    if source.kind == "single_file":
+        return (
+            f"--model {source.requested}: could not load this checkpoint ({first_line}); single-file loading needs "
+            "the base model's config, which diffusers fetches from the hub"
+        )
+    return f"--model {source.requested}: could not load the pipeline ({first_line})"

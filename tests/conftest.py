@@ -1,0 +1,157 @@
+"""Tiny real models, saved as diffusers folders, so every test loads through the path a user's model takes.
+
+The components are real diffusers / transformers classes with the smallest configs that still exercise
+cross-attention, the VAE's downsampling and the CLIP tokenizer; weights come from a fixed seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+# No test may touch the network: make any hub lookup fail fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY_RESOLUTION = 32  # pixels; the tiny VAE halves it once, so latents are 16x16
+
+
+def _byte_level_alphabet() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for bytes (the GPT-2 / CLIP convention)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    alphabet, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            alphabet.append(chr(byte))
+        else:
+            alphabet.append(chr(256 + extra))
+            extra += 1
+    return alphabet
+
+
+def write_tiny_tokenizer(folder: Path) -> None:
+    """A CLIP BPE tokenizer whose vocabulary is single characters plus a few whole words.
+
+    Unknown words still tokenize (into characters), like a rare identifier does in real CLIP.
+    """
+    chars = _byte_level_alphabet()
+    vocab_tokens = chars + [c + "</w>" for c in chars]
+    merges = ["c a", "ca t</w>", "p h", "o t", "ph ot", "phot o</w>", "o f</w>"]
+    for merge in merges:
+        vocab_tokens.append(merge.replace(" ", ""))
+    vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab_tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def build_tiny_pipeline(folder: Path, prediction_type: str = "epsilon") -> Path:
+    """Build and save a tiny Stable Diffusion pipeline (diffusers format) under `folder`."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=TINY_RESOLUTION // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[16, 32],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=TINY_RESOLUTION,
+    )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type=prediction_type,
+        clip_sample=False,
+        steps_offset=1,
+    )
+    tokenizer_dir = folder / "_tokenizer_src"
+    write_tiny_tokenizer(tokenizer_dir)
+    tokenizer = CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"), model_max_length=77)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            layer_norm_eps=1e-5,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+        )
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out = folder / "pipeline"
+    pipeline.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny epsilon-prediction SD pipeline folder (like SD 1.x)."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"), "epsilon")
+
+
+@pytest.fixture(scope="session")
+def tiny_vpred_model(tmp_path_factory) -> Path:
+    """A tiny v-prediction SD pipeline folder (like SD 2.x at 768 px)."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd-v"), "v_prediction")
+
+
+def write_images(folder: Path, count: int, size: int = 40, seed: int = 0, prefix: str = "img") -> list[Path]:
+    """Write `count` random-but-structured RGB PNGs (a coloured square on a background)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        pixels = np.full((size, size, 3), rng.integers(0, 255, 3), dtype=np.uint8)
+        x, y = rng.integers(0, size // 2, 2)
+        pixels[y : y + size // 2, x : x + size // 2] = rng.integers(0, 255, 3)
+        path = folder / f"{prefix}{i:02d}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def instance_dir(tmp_path) -> Path:
+    """Three small instance photos."""
+    folder = tmp_path / "instance"
+    write_images(folder, 3, seed=1)
+    return folder
