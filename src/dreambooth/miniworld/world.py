@@ -173,7 +173,8 @@ def _background(scene: str, seed: int) -> Image.Image:
             x, y = rng.randint(0, SIZE), rng.randint(horizon + 2, sea_end - 2)
             d.line((x, y, x + rng.randint(4, 9), y), fill=(220, 235, 250))
         d.rectangle((0, sea_end, SIZE, SIZE), fill=jitter((236, 212, 150)))
-        d.ellipse((rng.randint(4, 50), 3, 0, 0) if False else (48, 4, 58, 14), fill=(255, 240, 120))
+        sx = rng.randint(4, 50)
+        d.ellipse((sx, 4, sx + 10, 14), fill=(255, 240, 120))
     elif scene == "in the forest":
         d.rectangle((0, 0, SIZE, horizon), fill=jitter((175, 215, 170)))
         for _ in range(6):
@@ -282,8 +283,9 @@ def _draw_object(d: ImageDraw.ImageDraw, spec: SceneSpec) -> None:
         d.point(P(hx + 2.5, hy + 2), fill=OUTLINE)
         d.point(P(hx - 2.5, hy + 2), fill=OUTLINE)
     elif spec.kind == "dog":
-        line([(-12, 12), (-17, 20)], OUTLINE, 5)
-        line([(-12, 12), (-17, 20)], tail, 3)
+        tail_line = [(-8, 8), (-14, 14)] if sit else [(-12, 12), (-17, 20)]
+        line(tail_line, OUTLINE, 5)
+        line(tail_line, tail, 3)
         if sit:
             ell(-9, 0, 10, 19, body)
             hx, hy = 3, 22
@@ -329,12 +331,7 @@ def _draw_object(d: ImageDraw.ImageDraw, spec: SceneSpec) -> None:
     if spec.collar and spec.kind in ANIMALS:
         # A thick band where the head meets the body: 3-4 px, so it survives the VAE's 4x downsampling.
         c = MARKING_COLOURS[spec.collar]
-        if spec.kind == "cat":
-            cx, cy = (hx, hy - 6) if sit else (hx - 1, hy - 6)
-        elif spec.kind == "dog":
-            cx, cy = hx, hy - 5
-        else:
-            cx, cy = hx, hy - 5
+        cx, cy = hx, hy - (6 if spec.kind == "cat" else 5)
         line([(cx - 6, cy + 1), (cx + 6, cy - 1)], OUTLINE, 5)
         line([(cx - 6, cy + 1), (cx + 6, cy - 1)], c, 3.5)
 
