@@ -55,6 +55,7 @@ class ClassImagesConfig:
     batch_size: int = option(4, "Images generated at once.", positive=True)
     seed: int = option(0, "Image i uses seed + i, so a top-up never repeats an existing image.")
     negative_prompt: str = option("", "What the class images should not show.")
+    scheduler: str = option("dpm++", "Sampler for the class images.", choices=SCHEDULER_NAMES)
     allow_pickle: bool = option(False, "Allow loading a pickled .ckpt model (runs code from the file).")
 
     def __post_init__(self) -> None:
@@ -76,6 +77,7 @@ class TrainConfig:
     class_image_steps: int = option(25, "Sampling steps when generating class images.", positive=True)
     class_image_guidance: float = option(7.5, "Guidance scale when generating class images.", non_negative=True)
     class_image_batch_size: int = option(4, "Class images generated at once.", positive=True)
+    class_image_scheduler: str = option("dpm++", "Sampler for generating class images.", choices=SCHEDULER_NAMES)
     resolution: int = option(512, "Training resolution in pixels (a multiple of 8).", positive=True)
     learning_rate: float = option(5e-6, "UNet learning rate.", positive=True)
     max_train_steps: int = option(400, "Optimizer steps to train.", positive=True)

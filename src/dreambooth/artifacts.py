@@ -1,0 +1,89 @@
+"""What a finished run shows a person: the loss curve (RUN/loss.png) and the model card (RUN/README.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dreambooth.files import atomic_write_text, read_jsonl
+
+
+def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average with bias correction, so the first points are not pulled to zero."""
+    smoothed, average = [], 0.0
+    for index, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        smoothed.append(average / (1 - weight**index))
+    return smoothed
+
+
+def write_loss_plot(metrics_path: Path, output: Path) -> Path | None:
+    """Plot loss (raw and smoothed) and, with prior preservation, its two terms; None when there is nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_jsonl(metrics_path)
+    if not records:
+        return None
+    steps = [record["step"] for record in records]
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
+    axis.plot(steps, [r["loss"] for r in records], color="tab:blue", alpha=0.25, linewidth=1)
+    axis.plot(steps, smooth([r["loss"] for r in records]), color="tab:blue", label="loss (smoothed)")
+    if any("prior_loss" in r for r in records):
+        for key, color in (("instance_loss", "tab:orange"), ("prior_loss", "tab:green")):
+            axis.plot(steps, smooth([r.get(key, float("nan")) for r in records]), color=color, label=f"{key} (smoothed)")
+    axis.set_xlabel("step")
+    axis.set_ylabel("MSE")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp.png")
+    figure.savefig(tmp)
+    plt.close(figure)
+    tmp.replace(output)
+    return output
+
+
+def write_model_card(paths, settings: dict[str, Any]) -> Path:
+    """A README for the run: what it was trained from and how, how it went, and how to use it."""
+    records = read_jsonl(paths.metrics)
+    final = records[-1] if records else {}
+    lowest = min(records, key=lambda r: r["loss"]) if records else {}
+    lines = [
+        f"# DreamBooth: {settings['instance_prompt']}",
+        "",
+        f"Fine-tuned from `{settings['model']}` with [dreambooth](https://pypi.org/project/dreambooth/).",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from diffusers import StableDiffusionPipeline",
+        f'pipeline = StableDiffusionPipeline.from_pretrained("{paths.pipeline.resolve()}")',
+        f'image = pipeline("{settings["instance_prompt"]} by the sea").images[0]',
+        "```",
+        "",
+        f"or `dreambooth generate --model {paths.root} --prompt \"{settings['instance_prompt']} by the sea\" --output samples`.",
+        "",
+        "## Training",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+    ]
+    for key in ("instance_prompt", "class_prompt", "num_class_images", "prior_loss_weight", "resolution",
+                "learning_rate", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
+                "lr_scheduler", "train_text_encoder", "mixed_precision", "seed"):
+        lines.append(f"| {key} | {settings.get(key)} |")
+    if final:
+        lines += ["", f"Final loss {final['loss']:.4f} at step {final['step']}; "
+                      f"lowest {lowest['loss']:.4f} at step {lowest['step']}; {final.get('seconds', 0):.0f} s of training.",
+                  "", "![loss](loss.png)"]
+    samples = sorted(paths.validation.glob("step-*/*.png"))
+    if samples:
+        last_step = samples[-1].parent
+        lines += ["", f"## Validation images ({last_step.name})", ""]
+        lines += [f"![{image.stem}](validation/{last_step.name}/{image.name})" for image in sorted(last_step.glob("*.png"))]
+    atomic_write_text(paths.model_card, "\n".join(lines) + "\n")
+    return paths.model_card

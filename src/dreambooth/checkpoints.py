@@ -1,0 +1,150 @@
+"""The run folder's fixed names, and resumable checkpoints that survive `kill -9`.
+
+A checkpoint is accelerate's state (model weights as safetensors, optimizer, schedule, RNG) written into
+a temporary folder and renamed to `checkpoints/step-NNNNNN` only when complete, with `state.json` last.
+accelerate reads optimizer and RNG files with `torch.load(weights_only=True)`, so resuming runs no pickle code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dreambooth.errors import UserError
+from dreambooth.files import atomic_dir, atomic_write_text, move_aside, read_jsonl
+
+STEP_FOLDER = re.compile(r"^step-(\d{6,})$")
+STATE_FILE = "state.json"
+# Settings that may change between a run and its resumption without making it a different run.
+RESUMABLE_CHANGES = {
+    "resume", "overwrite", "max_train_steps", "checkpoint_every", "keep_checkpoints",
+    "validation_prompt", "validation_every", "validation_seeds", "validation_steps",
+}
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every file a training run writes, by its fixed name (later tools read these names)."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def pipeline(self) -> Path:
+        return self.root / "pipeline"
+
+    @property
+    def lora(self) -> Path:
+        return self.root / "lora"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.root / "loss.png"
+
+    @property
+    def model_card(self) -> Path:
+        return self.root / "README.md"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def validation(self) -> Path:
+        return self.root / "validation"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:06d}"
+
+    def validation_step(self, step: int) -> Path:
+        return self.validation / f"step-{step:06d}"
+
+    def owned_names(self) -> list[str]:
+        """Top-level entries a run writes: what --overwrite moves aside."""
+        return [p.name for p in (self.config, self.pipeline, self.lora, self.metrics, self.loss_plot,
+                                 self.model_card, self.checkpoints, self.validation)]
+
+
+def claim_run_folder(paths: RunPaths, settings: dict[str, Any], resume: bool, overwrite: bool) -> None:
+    """Refuse to write over another run; with --overwrite move its files aside; with --resume check it is this run."""
+    import yaml
+
+    root = paths.root
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--output {root}: exists and is not a folder")
+    if not paths.config.is_file():
+        leftovers = [p.name for p in root.iterdir() if not p.name.startswith(".")] if root.is_dir() else []
+        if leftovers and not overwrite:
+            raise UserError(
+                f"--output {root}: holds files that are not a dreambooth run ({', '.join(sorted(leftovers)[:3])}); "
+                "pick an empty or new folder"
+            )
+        return
+    if overwrite:
+        moved = move_aside(root, paths.owned_names())
+        if moved:
+            print(f"--overwrite: moved the previous run's files to {moved}")
+        return
+    if not resume:
+        raise UserError(f"--output {root}: already holds a run; pass --resume to continue it or --overwrite to start afresh")
+    stored = yaml.safe_load(paths.config.read_text()) or {}
+    changed = sorted(
+        key for key, value in settings.items()
+        if key not in RESUMABLE_CHANGES and key in stored and stored[key] != value
+    )
+    if changed:
+        details = ", ".join(f"{key}: {stored[key]!r} -> {settings[key]!r}" for key in changed[:4])
+        raise UserError(f"--resume: {root} was trained with other settings ({details}); use a new --output")
+
+
+def save_checkpoint(accelerator, paths: RunPaths, step: int, keep: int) -> Path:
+    """Write a complete checkpoint for `step` atomically, then prune all but the newest `keep`."""
+    final = paths.checkpoint(step)
+    if accelerator.is_main_process:
+        with atomic_dir(final) as tmp:
+            accelerator.save_state(str(tmp), safe_serialization=True)
+            atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step}))
+        for old in list_checkpoints(paths)[:-keep]:
+            shutil.rmtree(old[1], ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(paths: RunPaths) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (half-written ones never carry the final name)."""
+    if not paths.checkpoints.is_dir():
+        return []
+    found = []
+    for folder in paths.checkpoints.iterdir():
+        match = STEP_FOLDER.match(folder.name)
+        if match and (folder / STATE_FILE).is_file():
+            found.append((int(match.group(1)), folder))
+    return sorted(found)
+
+
+def load_latest_checkpoint(accelerator, paths: RunPaths) -> int:
+    """Restore the newest checkpoint into the prepared objects; return its step (0 when there is none)."""
+    checkpoints = list_checkpoints(paths)
+    if not checkpoints:
+        return 0
+    step, folder = checkpoints[-1]
+    accelerator.load_state(str(folder))
+    return step
+
+
+def truncate_metrics(paths: RunPaths, step: int) -> float:
+    """Drop metric lines past `step` (they will be trained again); return the seconds already spent."""
+    kept = [record for record in read_jsonl(paths.metrics) if record.get("step", 0) <= step]
+    atomic_write_text(paths.metrics, "".join(json.dumps(record) + "\n" for record in kept))
+    return float(kept[-1].get("seconds", 0.0)) if kept else 0.0

@@ -1,0 +1,77 @@
+"""Top up a folder of class images to N with the base model, for prior preservation.
+
+Existing images are kept and counted. New image i is `class-NNNNN.png` made with seed `seed + i`, so a
+top-up after an interruption never repeats an image; `manifest.jsonl` beside them records how each was made.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from dreambooth.config import ClassImagesConfig
+from dreambooth.data import IMAGE_SUFFIXES
+from dreambooth.errors import UserError
+from dreambooth.files import append_jsonl
+from dreambooth.models import default_device, inference_dtype, load_pipeline, resolve_model
+from dreambooth.sampling import SamplingSetting, render, save_png
+
+MANIFEST = "manifest.jsonl"
+GENERATED_NAME = re.compile(r"^class-(\d{5,})\.png$")
+
+
+def existing_images(folder: Path) -> list[Path]:
+    """Every image already in the folder, whoever made it."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def free_indices(folder: Path, count: int) -> list[int]:
+    """The first `count` indices whose `class-NNNNN.png` does not exist yet."""
+    taken = {int(m.group(1)) for p in existing_images(folder) if (m := GENERATED_NAME.match(p.name))}
+    indices, candidate = [], 0
+    while len(indices) < count:
+        if candidate not in taken:
+            indices.append(candidate)
+        candidate += 1
+    return indices
+
+
+def top_up_class_images(config: ClassImagesConfig) -> list[Path]:
+    """Make sure `config.output` holds at least `config.num_images` images; return all of them."""
+    folder = Path(config.output)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: exists and is not a folder; class images need a folder")
+    have = existing_images(folder)
+    missing = config.num_images - len(have)
+    if missing <= 0:
+        print(f"class images: {folder} already holds {len(have)} (wanted {config.num_images}); nothing to generate")
+        return have
+    print(f"class images: {folder} holds {len(have)}; generating {missing} with '{config.prompt}'")
+    folder.mkdir(parents=True, exist_ok=True)
+    source = resolve_model(config.model, config.allow_pickle)
+    device = default_device()
+    extra = {"safety_checker": None, "requires_safety_checker": False} if source.family == "sd" else {}
+    pipeline = load_pipeline(source, torch_dtype=inference_dtype(device), **extra).to(device)
+    setting = SamplingSetting(steps=config.steps, guidance=config.guidance, scheduler=config.scheduler)
+    indices = free_indices(folder, missing)
+    with tqdm(total=missing, desc="class images", unit="img") as progress:
+        for start in range(0, missing, config.batch_size):
+            batch = indices[start : start + config.batch_size]
+            seeds = [config.seed + index for index in batch]
+            images = render(pipeline, [config.prompt] * len(batch), seeds, setting,
+                            negative_prompt=config.negative_prompt, batch_size=len(batch))
+            for index, seed, image in zip(batch, seeds, images):
+                record = {
+                    "file": f"class-{index:05d}.png", "prompt": config.prompt, "negative_prompt": config.negative_prompt,
+                    "seed": seed, "steps": config.steps, "guidance": config.guidance, "scheduler": config.scheduler,
+                    "model": config.model, "width": image.width, "height": image.height,
+                }
+                save_png(image, folder / record["file"], record)
+                append_jsonl(folder / MANIFEST, record)  # after the image exists: the manifest never names a missing file
+            progress.update(len(batch))
+    del pipeline
+    return existing_images(folder)

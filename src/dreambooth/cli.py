@@ -1,0 +1,118 @@
+"""The `dreambooth` command: parse flags, build a config, call one function. No logic of its own.
+
+Flags are generated from the config dataclasses, so a setting, its flag, its config-file key and its
+help text cannot drift apart. A user mistake prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import traceback
+import types
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from dreambooth import __version__
+from dreambooth.config import (ClassImagesConfig, GenerateConfig, TrainConfig, build_config, cli_fields,
+                               flag_name, load_config_file)
+from dreambooth.errors import UserError
+
+USER_MISTAKE = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line and exit status 2 like every other user mistake."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(USER_MISTAKE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def run_class_images(config: ClassImagesConfig) -> None:
+    from dreambooth.class_images import top_up_class_images
+
+    images = top_up_class_images(config)
+    print(f"{config.output}: {len(images)} class images")
+
+
+def run_train(config: TrainConfig) -> None:
+    from dreambooth.train import train
+
+    paths = train(config)
+    print(f"done: {paths.pipeline} (model card: {paths.model_card})")
+
+
+def run_generate(config: GenerateConfig) -> None:
+    from dreambooth.sampling import generate
+
+    output = generate(config)
+    print(f"done: {output / 'grid.png'}")
+
+
+COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
+    "class-images": (ClassImagesConfig, run_class_images, "Top up a folder of class images with the base model."),
+    "train": (TrainConfig, run_train, "DreamBooth-train a model on a few instance images."),
+    "generate": (GenerateConfig, run_generate, "Render prompts over a grid of sampling settings and seeds."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="dreambooth", description="Teach a diffusion model a subject from a few photos.")
+    parser.add_argument("--version", action="version", version=f"dreambooth {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    for name, (config_class, _, summary) in COMMANDS.items():
+        sub = commands.add_parser(name, help=summary, description=config_class.__doc__)
+        sub.add_argument("--config", metavar="FILE", help="YAML or TOML file with the same keys as the flags (snake_case); flags win.")
+        sub.add_argument("--debug", action="store_true", help="Show the full traceback of an error.")
+        for spec, hint in cli_fields(config_class):
+            add_flag(sub, spec, hint)
+    return parser
+
+
+def add_flag(parser: argparse.ArgumentParser, spec: dataclasses.Field, hint: Any) -> None:
+    """One flag for one config field; default None so that main() can tell which flags were given."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `X | None`
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    kwargs: dict[str, Any] = {"default": None, "dest": spec.name, "help": spec.metadata.get("help", "") + default_note(spec)}
+    if hint is bool:
+        parser.add_argument(flag_name(spec.name), action=argparse.BooleanOptionalAction, **kwargs)
+        return
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        kwargs.update(nargs="+", action="extend", type=item)
+    else:
+        kwargs["type"] = hint
+    if spec.metadata.get("choices"):
+        kwargs["choices"] = spec.metadata["choices"]
+    else:
+        kwargs["metavar"] = spec.name.upper()
+    parser.add_argument(flag_name(spec.name), **kwargs)
+
+
+def default_note(spec: dataclasses.Field) -> str:
+    if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+        return " (required)"
+    default = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+    return "" if default in (None, "", [], False) else f" (default: {default})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config_class, command, _ = COMMANDS[args.command]
+    try:
+        file_values = load_config_file(args.config) if args.config else {}
+        overrides = {spec.name: getattr(args, spec.name) for spec, _ in cli_fields(config_class)}
+        config = build_config(config_class, file_values, overrides, source=f"--config {args.config}")
+        command(config)
+    except UserError as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"dreambooth {args.command}: error: {error}", file=sys.stderr)
+        return USER_MISTAKE
+    except KeyboardInterrupt:
+        print(f"dreambooth {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0

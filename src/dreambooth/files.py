@@ -1,0 +1,83 @@
+"""Filesystem rules every writer follows: writes are atomic, and nothing a user had is deleted.
+
+A file or folder appears under its final name only once it is complete (temp name + os.replace), so a
+run killed with `kill -9` leaves either the old state or the new one, never half of either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line; a crash can lose at most this line, never corrupt earlier ones."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read JSON lines, skipping a torn last line left by a crash."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            if line.strip():
+                records.append(json.loads(line))
+    return records
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; on success it replaces `final` in one rename."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        # A folder cannot be os.replace()d onto a non-empty one: swap via a second rename.
+        old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.old")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def move_aside(folder: Path, names: list[str]) -> Path | None:
+    """Move the named entries of `folder` into `folder/replaced-<time>/`; return that folder if anything moved."""
+    present = [name for name in names if (folder / name).exists()]
+    if not present:
+        return None
+    target = folder / time.strftime("replaced-%Y%m%d-%H%M%S")
+    while target.exists():
+        target = target.with_name(target.name + "-1")
+    target.mkdir(parents=True)
+    for name in present:
+        os.replace(folder / name, target / name)
+    return target

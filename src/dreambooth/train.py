@@ -1,0 +1,287 @@
+"""DreamBooth training: one loop that reads top to bottom.
+
+Every random draw of step s (data order, crops, latents, noise, timesteps) comes from generators seeded
+by (seed, s), so a run resumed from a checkpoint continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from dreambooth import __version__
+from dreambooth.artifacts import write_loss_plot, write_model_card
+from dreambooth.checkpoints import (RunPaths, claim_run_folder, load_latest_checkpoint, save_checkpoint,
+                                    truncate_metrics)
+from dreambooth.class_images import top_up_class_images
+from dreambooth.config import ClassImagesConfig, TrainConfig, to_dict
+from dreambooth.data import DreamBoothData, load_examples
+from dreambooth.encoding import encode_images, encode_prompts
+from dreambooth.errors import UserError
+from dreambooth.files import append_jsonl, atomic_dir, atomic_write_text
+from dreambooth.losses import dreambooth_loss, min_snr_weights, prediction_target
+from dreambooth.models import Components, assemble_pipeline, load_components, load_pipeline
+from dreambooth.sampling import SamplingSetting, render, save_png
+
+VALIDATION_SCHEDULER = "ddim"
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports."""
+
+    loss: float
+    instance_loss: float
+    prior_loss: float | None
+
+
+def train(config: TrainConfig) -> RunPaths:
+    """Fine-tune `config.model` on the instance images and write a RUN folder; return its paths."""
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
+    # 1. Claim the run folder before any slow work, so a mistake there fails at once.
+    paths = RunPaths(Path(config.output))
+    settings = to_dict(config)
+    claim_run_folder(paths, settings, config.resume, config.overwrite)
+
+    # 2. Data: read every instance image now (a broken file fails here), then top up the class images.
+    instance = load_examples(config.instance_dir, config.instance_prompt, "--instance-dir")
+    classes = None
+    if config.with_prior_preservation:
+        top_up_class_images(class_images_config(config))
+        classes = load_examples(config.class_dir, config.class_prompt, "--class-dir")
+    data = DreamBoothData(instance, classes, config.resolution, config.center_crop, config.random_flip, config.seed)
+
+    # 3. Models: everything frozen except what this run trains.
+    try:
+        accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
+                                  mixed_precision=config.mixed_precision)
+    except ValueError as error:
+        raise UserError(f"--mixed-precision {config.mixed_precision}: {error}") from error
+    components = load_components(config.model, allow_pickle=config.allow_pickle)
+    trained = prepare_models(components, config, accelerator)
+
+    # 4. Optimizer and learning-rate schedule.
+    optimizer = torch.optim.AdamW(parameter_groups(components, config), weight_decay=config.adam_weight_decay)
+    lr_schedule = get_scheduler(
+        config.lr_scheduler, optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=config.max_train_steps * accelerator.num_processes,
+    )
+    prepared = accelerator.prepare(*trained.values(), optimizer, lr_schedule)
+    for name, module in zip(trained, prepared):
+        setattr(components, name, module)
+    optimizer, lr_schedule = prepared[-2], prepared[-1]
+
+    # 5. Record the settings, or resume from the newest checkpoint.
+    start_step, seconds_before = 0, 0.0
+    if config.resume:
+        start_step = load_latest_checkpoint(accelerator, paths)
+        seconds_before = truncate_metrics(paths, start_step) if start_step else 0.0
+        print(f"resuming {paths.root} at step {start_step}" if start_step else "--resume: no checkpoint yet; starting at step 0")
+    if accelerator.is_main_process:
+        atomic_write_text(paths.config, run_record(config, components))
+    if start_step >= config.max_train_steps:
+        print(f"{paths.root} already reached step {start_step}; nothing to train")
+
+    # 6. The loop: encode -> noise -> predict -> loss -> step.
+    started = time.monotonic()
+    progress = tqdm(range(start_step, config.max_train_steps), initial=start_step, total=config.max_train_steps,
+                    desc="train", unit="step", disable=not accelerator.is_local_main_process)
+    for step in range(start_step + 1, config.max_train_steps + 1):
+        result = train_step(step, components, trained, data, optimizer, lr_schedule, accelerator, config)
+        seconds = seconds_before + time.monotonic() - started
+        if accelerator.is_main_process:
+            append_jsonl(paths.metrics, metrics_record(step, result, lr_schedule.get_last_lr()[0], seconds))
+        progress.update(1)
+        progress.set_postfix(loss=f"{result.loss:.4f}")
+        if needs_checkpoint(step, config):
+            save_checkpoint(accelerator, paths, step, config.keep_checkpoints)
+        if needs_validation(step, config):
+            write_validation_images(components, accelerator, paths, step, config)
+    progress.close()
+
+    # 7. The fine-tuned pipeline, loss curve and model card.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_pipeline(components, trained, accelerator, paths, config)
+        write_loss_plot(paths.metrics, paths.loss_plot)
+        write_model_card(paths, settings)
+    accelerator.end_training()
+    return paths
+
+
+def class_images_config(config: TrainConfig) -> ClassImagesConfig:
+    """The class-image settings a training run implies (the same code as `dreambooth class-images`)."""
+    return ClassImagesConfig(
+        model=config.model, prompt=config.class_prompt, output=config.class_dir,
+        num_images=config.num_class_images, steps=config.class_image_steps, guidance=config.class_image_guidance,
+        batch_size=config.class_image_batch_size, seed=config.seed, scheduler=config.class_image_scheduler,
+        allow_pickle=config.allow_pickle,
+    )
+
+
+def prepare_models(components: Components, config: TrainConfig, accelerator) -> dict[str, torch.nn.Module]:
+    """Freeze the VAE (and text encoder unless trained), cast frozen parts to the compute dtype; return trained ones."""
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    trained: dict[str, torch.nn.Module] = {"unet": components.unet}
+    if config.train_text_encoder:
+        trained["text_encoder"] = components.text_encoder
+    frozen = [components.vae] + ([] if config.train_text_encoder else [components.text_encoder])
+    for module in frozen:
+        module.requires_grad_(False)
+        module.eval()
+        # Trained weights stay fp32 (autocast computes in half); frozen ones are simply stored in half.
+        module.to(accelerator.device, dtype=weight_dtype)
+    for module in trained.values():
+        module.requires_grad_(True)
+        module.train()
+        if config.gradient_checkpointing:
+            module.gradient_checkpointing_enable()  # diffusers and transformers models both have it
+    return trained
+
+
+def parameter_groups(components: Components, config: TrainConfig) -> list[dict[str, Any]]:
+    """One AdamW group per trained model, each with its own learning rate."""
+    groups = [{"params": list(components.unet.parameters()), "lr": config.learning_rate}]
+    if config.train_text_encoder:
+        groups.append({"params": list(components.text_encoder.parameters()),
+                       "lr": config.text_encoder_learning_rate or config.learning_rate})
+    return groups
+
+
+def step_generator(seed: int, step: int, micro_step: int, process: int) -> torch.Generator:
+    """The random stream of one micro-batch on one process; a pure function of its coordinates."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro_step) * 101 + process)
+
+
+def sample_ids(step: int, micro_step: int, config: TrainConfig, accelerator) -> list[int]:
+    """Which examples a micro-batch sees: consecutive ids, so every process and step gets different ones."""
+    per_step = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+    first = (step - 1) * per_step + (micro_step * accelerator.num_processes + accelerator.process_index) * config.train_batch_size
+    return list(range(first, first + config.train_batch_size))
+
+
+def train_step(step: int, components: Components, trained: dict[str, torch.nn.Module], data: DreamBoothData,
+               optimizer, lr_schedule, accelerator, config: TrainConfig) -> StepResult:
+    """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean losses."""
+    totals = {"loss": 0.0, "instance": 0.0, "prior": 0.0}
+    has_prior = False
+    for micro_step in range(config.gradient_accumulation_steps):
+        batch = data.batch(sample_ids(step, micro_step, config, accelerator))
+        generator = step_generator(config.seed, step, micro_step, accelerator.process_index)
+        with accelerator.accumulate(*trained.values()):
+            parts = micro_step_loss(batch, generator, components, accelerator, config)
+            accelerator.backward(parts.loss)
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                params = [p for module in trained.values() for p in module.parameters()]
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+        totals["loss"] += accelerator.gather(parts.loss.detach()).mean().item()
+        totals["instance"] += accelerator.gather(parts.instance_loss.detach()).mean().item()
+        if parts.prior_loss is not None:
+            has_prior = True
+            totals["prior"] += accelerator.gather(parts.prior_loss.detach()).mean().item()
+    count = config.gradient_accumulation_steps
+    return StepResult(totals["loss"] / count, totals["instance"] / count, totals["prior"] / count if has_prior else None)
+
+
+def micro_step_loss(batch: dict[str, Any], generator: torch.Generator, components: Components, accelerator,
+                    config: TrainConfig):
+    """encode -> noise -> predict -> loss for one micro-batch."""
+    scheduler = components.noise_scheduler
+    with torch.no_grad():
+        latents = encode_images(components.vae, batch["pixel_values"], generator).float()
+    noise = torch.randn(latents.shape, generator=generator)
+    if config.offset_noise:
+        # Offset noise lets the model shift a whole image's brightness (very dark or bright subjects).
+        noise = noise + config.offset_noise * torch.randn(latents.shape[:2] + (1, 1), generator=generator)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    latents, noise, timesteps = (t.to(accelerator.device) for t in (latents, noise, timesteps))
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    with torch.set_grad_enabled(config.train_text_encoder):
+        hidden_states = encode_prompts(components.text_encoder, components.tokenizer, batch["prompts"])
+    with accelerator.autocast():
+        prediction = components.unet(noisy_latents, timesteps, hidden_states).sample
+    target = prediction_target(scheduler, latents, noise, timesteps)
+    weights = min_snr_weights(scheduler, timesteps, config.snr_gamma) if config.snr_gamma else None
+    prior_weight = config.prior_loss_weight if config.with_prior_preservation else 0.0
+    return dreambooth_loss(prediction, target, batch["num_instance"], prior_weight, weights)
+
+
+def needs_checkpoint(step: int, config: TrainConfig) -> bool:
+    return config.checkpoint_every > 0 and step % config.checkpoint_every == 0 and step < config.max_train_steps
+
+
+def needs_validation(step: int, config: TrainConfig) -> bool:
+    if not config.validation_prompt:
+        return False
+    periodic = config.validation_every > 0 and step % config.validation_every == 0
+    return periodic or step == config.max_train_steps
+
+
+def metrics_record(step: int, result: StepResult, lr: float, seconds: float) -> dict[str, Any]:
+    record: dict[str, Any] = {"step": step, "loss": result.loss, "instance_loss": result.instance_loss}
+    if result.prior_loss is not None:
+        record["prior_loss"] = result.prior_loss
+    record.update(lr=lr, seconds=round(seconds, 3))
+    return record
+
+
+def write_validation_images(components: Components, accelerator, paths: RunPaths, step: int,
+                            config: TrainConfig) -> None:
+    """Render the validation prompts with fixed seeds into validation/step-NNNNNN/."""
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return
+    unwrapped = {name: accelerator.unwrap_model(getattr(components, name)) for name in ("unet", "text_encoder")}
+    view = Components(**{**components.__dict__, **unwrapped})
+    pipeline = assemble_pipeline(view)
+    setting = SamplingSetting(config.validation_steps, 7.5, VALIDATION_SCHEDULER)
+    for module in unwrapped.values():
+        module.eval()
+    with atomic_dir(paths.validation_step(step)) as folder, accelerator.autocast():
+        for index, prompt in enumerate(config.validation_prompt):
+            seeds = list(config.validation_seeds)
+            images = render(pipeline, [prompt] * len(seeds), seeds, setting,
+                            height=config.resolution, width=config.resolution, batch_size=len(seeds))
+            for seed, image in zip(seeds, images):
+                save_png(image, folder / f"p{index}-seed{seed}.png",
+                         {"prompt": prompt, "seed": seed, "steps": setting.steps, "guidance": setting.guidance,
+                          "scheduler": setting.scheduler, "training_step": step})
+    unwrapped["unet"].train()
+    if config.train_text_encoder:
+        unwrapped["text_encoder"].train()
+    accelerator.wait_for_everyone()
+
+
+def save_pipeline(components: Components, trained: dict[str, torch.nn.Module], accelerator, paths: RunPaths,
+                  config: TrainConfig) -> None:
+    """The base pipeline with the fine-tuned parts swapped in, saved in diffusers format (safetensors)."""
+    replaced = {name: accelerator.unwrap_model(getattr(components, name)).to(torch.float32) for name in trained}
+    pipeline = load_pipeline(components.source, **replaced)
+    with atomic_dir(paths.pipeline) as folder:
+        pipeline.save_pretrained(folder, safe_serialization=True)
+
+
+def run_record(config: TrainConfig, components: Components) -> str:
+    """RUN/config.yaml: every resolved setting plus what the run was made from."""
+    import yaml
+
+    record = to_dict(config)
+    record["_run"] = {
+        "dreambooth_version": __version__,
+        "base_model": components.source.requested,
+        "base_model_kind": components.source.kind,
+        "family": components.family,
+        "prediction_type": components.prediction_type,
+    }
+    return yaml.safe_dump(record, sort_keys=False)

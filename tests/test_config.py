@@ -1,0 +1,60 @@
+"""Settings: file + flags merge, unknown keys and wrong types are refused by name."""
+
+import pytest
+
+from dreambooth.config import GenerateConfig, TrainConfig, build_config, load_config_file, to_dict
+from dreambooth.errors import UserError
+
+REQUIRED = {"model": "m", "instance_dir": "d", "instance_prompt": "a photo of miru cat", "output": "run"}
+
+
+def test_flags_override_file_and_defaults_fill_the_rest():
+    config = build_config(TrainConfig, {**REQUIRED, "learning_rate": 1e-6, "max_train_steps": 50}, {"max_train_steps": 9})
+    assert config.learning_rate == 1e-6 and config.max_train_steps == 9 and config.resolution == 512
+
+
+def test_yaml_and_toml_files_load(tmp_path):
+    (tmp_path / "a.yaml").write_text("model: m\nlearning_rate: 3e-6\nvalidation_prompt: [a, b]\n")
+    (tmp_path / "b.toml").write_text('model = "m"\nlearning_rate = 3e-6\n')
+    assert load_config_file(tmp_path / "a.yaml")["validation_prompt"] == ["a", "b"]
+    assert load_config_file(tmp_path / "b.toml")["learning_rate"] == 3e-6
+    # YAML 1.1 reads 3e-6 (no dot) as a string; it still becomes a float.
+    config = build_config(TrainConfig, {**REQUIRED, **load_config_file(tmp_path / "a.yaml")}, {})
+    assert config.learning_rate == 3e-6
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"lr": 1}, "unknown key 'lr'"),
+        ({"resolution": "big"}, "key 'resolution': expected int"),
+        ({"train_text_encoder": "yes"}, "expected bool"),
+        ({"resolution": 500}, "--resolution 500: must be a multiple of 8"),
+        ({"learning_rate": 0}, "--learning-rate 0"),
+        ({"max_train_steps": -1}, "--max-train-steps -1"),
+        ({"class_dir": "cats"}, "--class-dir needs --class-prompt"),
+        ({"lr_scheduler": "step"}, "choose one of"),
+    ],
+)
+def test_bad_settings_name_the_key(values, message):
+    with pytest.raises(UserError, match=message):
+        build_config(TrainConfig, {**REQUIRED, **values}, {})
+
+
+def test_missing_required_setting_names_the_flag():
+    with pytest.raises(UserError, match="missing --instance-prompt"):
+        build_config(TrainConfig, {"model": "m", "instance_dir": "d", "output": "o"}, {})
+
+
+def test_bad_file_is_named(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(UserError, match="bad.yaml: not valid YAML"):
+        load_config_file(tmp_path / "bad.yaml")
+    with pytest.raises(UserError, match="no such file"):
+        load_config_file(tmp_path / "missing.yaml")
+
+
+def test_generate_lists_and_round_trip():
+    config = build_config(GenerateConfig, {"model": "m", "prompt": "one prompt", "output": "o", "steps": [30, 50]}, {})
+    assert config.prompt == ["one prompt"] and config.steps == [30, 50]
+    assert build_config(GenerateConfig, to_dict(config), {}) == config

@@ -1,0 +1,55 @@
+"""Model resolution and loading, through the same paths a user's model takes."""
+
+import pytest
+import torch
+
+from dreambooth.errors import UserError
+from dreambooth.models import load_components, resolve_model
+
+
+def test_diffusers_folder_loads_as_components(tiny_model):
+    components = load_components(str(tiny_model))
+    assert components.family == "sd"
+    assert components.prediction_type == "epsilon"
+    assert components.unet.dtype == torch.float32
+    assert type(components.noise_scheduler).__name__ == "DDPMScheduler"
+
+
+def test_v_prediction_is_read_from_the_scheduler(tiny_vpred_model):
+    assert load_components(str(tiny_vpred_model)).prediction_type == "v_prediction"
+
+
+def test_run_folder_resolves_to_its_pipeline(tiny_model):
+    # tiny_model is <tmp>/pipeline, so its parent looks like a finished RUN folder.
+    source = resolve_model(str(tiny_model.parent))
+    assert source.kind == "folder" and source.location == str(tiny_model)
+
+
+def test_folder_that_is_not_a_pipeline(tmp_path):
+    with pytest.raises(UserError, match="not a diffusers pipeline"):
+        resolve_model(str(tmp_path))
+
+
+def test_pickled_checkpoint_needs_allow_pickle(tmp_path):
+    checkpoint = tmp_path / "model.ckpt"
+    checkpoint.write_bytes(b"not really a checkpoint")
+    with pytest.raises(UserError, match="--allow-pickle"):
+        resolve_model(str(checkpoint))
+    assert resolve_model(str(checkpoint), allow_pickle=True).kind == "single_file"
+
+
+def test_damaged_safetensors_file(tmp_path):
+    broken = tmp_path / "model.safetensors"
+    broken.write_bytes(b"\x00" * 16)
+    with pytest.raises(UserError, match="not a readable .safetensors"):
+        resolve_model(str(broken))
+
+
+def test_hub_id_while_offline_says_so():
+    with pytest.raises(UserError, match="offline"):
+        resolve_model("nobody-here/no-such-model")
+
+
+def test_missing_path():
+    with pytest.raises(UserError, match="no such file or folder"):
+        resolve_model("./does/not/exist")
