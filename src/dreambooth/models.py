@@ -96,7 +96,7 @@ def load_pipeline(
     pipeline_class = _pipeline_class(source.family)
     kwargs: dict[str, Any] = dict(component_overrides)
     if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
+        kwargs[_dtype_keyword()] = torch_dtype
     try:
         if source.kind == "single_file":
             return pipeline_class.from_single_file(source.location, **kwargs)
@@ -156,6 +156,13 @@ def default_device() -> torch.device:
 def inference_dtype(device: torch.device) -> torch.dtype:
     """Half precision where it is fast and supported, full precision on the CPU."""
     return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+def _dtype_keyword() -> str:
+    """diffusers renamed `torch_dtype` to `dtype` (and warns on the old name); older releases know only `torch_dtype`."""
+    import diffusers.utils.deprecation_utils as deprecation
+
+    return "dtype" if hasattr(deprecation, "_resolve_dtype") else "torch_dtype"
 
 
 def _pipeline_class(family: Family) -> type:

@@ -1,0 +1,148 @@
+"""Training on a tiny real model: what is trained changes, what is frozen does not, resume is exact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from dreambooth.config import TrainConfig
+from dreambooth.errors import UserError
+from dreambooth.train import train
+
+from conftest import TINY_RESOLUTION, write_images
+
+
+def make_config(model: Path, instance_dir: Path, output: Path, **overrides) -> TrainConfig:
+    settings = dict(
+        model=str(model), instance_dir=str(instance_dir), instance_prompt="a photo of miru cat", output=str(output),
+        resolution=TINY_RESOLUTION, max_train_steps=2, learning_rate=1e-3, seed=3,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def weights(folder: Path, component: str) -> dict[str, torch.Tensor]:
+    (file,) = (folder / component).glob("*.safetensors")
+    return load_file(file)
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_unet_changes_and_frozen_text_encoder_stays_bit_identical(tiny_model, instance_dir, tmp_path):
+    paths = train(make_config(tiny_model, instance_dir, tmp_path / "run"))
+    assert max_difference(weights(tiny_model, "unet"), weights(paths.pipeline, "unet")) > 1e-4
+    base_text, tuned_text = weights(tiny_model, "text_encoder"), weights(paths.pipeline, "text_encoder")
+    assert all(torch.equal(base_text[k], tuned_text[k]) for k in base_text)
+    assert all(torch.equal(a, b) for a, b in zip(weights(tiny_model, "vae").values(), weights(paths.pipeline, "vae").values()))
+
+
+def test_train_text_encoder_changes_it(tiny_model, instance_dir, tmp_path):
+    paths = train(make_config(tiny_model, instance_dir, tmp_path / "run", train_text_encoder=True,
+                              text_encoder_learning_rate=1e-3))
+    assert max_difference(weights(tiny_model, "text_encoder"), weights(paths.pipeline, "text_encoder")) > 1e-5
+
+
+def test_run_folder_holds_every_fixed_name(tiny_model, instance_dir, tmp_path):
+    paths = train(make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=3,
+                              validation_prompt=["a photo of miru cat"], validation_every=2, validation_steps=2))
+    records = [json.loads(line) for line in paths.metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert set(records[0]) == {"step", "loss", "instance_loss", "lr", "seconds"}
+    assert records[0]["loss"] == pytest.approx(records[0]["instance_loss"])
+    recorded = yaml.safe_load(paths.config.read_text())
+    assert recorded["max_train_steps"] == 3 and recorded["_run"]["dreambooth_version"]
+    assert paths.loss_plot.stat().st_size > 1000
+    assert sorted(p.name for p in paths.validation.iterdir()) == ["step-000002", "step-000003"]
+    assert len(list(paths.validation_step(3).glob("*.png"))) == 2
+    assert "a photo of miru cat" in paths.model_card.read_text()
+
+
+def test_saved_pipeline_loads_with_plain_diffusers_and_generates(tiny_model, instance_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    paths = train(make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=1))
+    pipeline = StableDiffusionPipeline.from_pretrained(paths.pipeline)
+    image = pipeline("a photo of miru cat", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (TINY_RESOLUTION, TINY_RESOLUTION, 3)
+
+
+def test_resume_after_two_of_four_steps_equals_four_straight(tiny_model, instance_dir, tmp_path):
+    straight = train(make_config(tiny_model, instance_dir, tmp_path / "straight", max_train_steps=4,
+                                 train_text_encoder=True, lr_scheduler="linear", random_flip=True))
+    interrupted = make_config(tiny_model, instance_dir, tmp_path / "resumed", max_train_steps=4, checkpoint_every=2,
+                              train_text_encoder=True, lr_scheduler="linear", random_flip=True)
+    first = _train_until(interrupted, stop_after=2)
+    assert [p.name for p in first.checkpoints.iterdir()] == ["step-000002"]
+    interrupted.resume = True
+    resumed = train(interrupted)
+    for component in ("unet", "text_encoder"):
+        assert max_difference(weights(straight.pipeline, component), weights(resumed.pipeline, component)) == 0.0
+    steps = [json.loads(line)["step"] for line in resumed.metrics.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+class Crash(Exception):
+    pass
+
+
+def _train_until(config: TrainConfig, stop_after: int):
+    """Run `train` but stop it with an exception right after the checkpoint of `stop_after`, like a crash."""
+    import dreambooth.train as training
+
+    original = training.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        folder = original(*args, **kwargs)
+        if args[2] == stop_after:
+            raise Crash
+        return folder
+
+    training.save_checkpoint = save_then_crash
+    try:
+        with pytest.raises(Crash):
+            train(config)
+    finally:
+        training.save_checkpoint = original
+    from dreambooth.checkpoints import RunPaths
+
+    return RunPaths(Path(config.output))
+
+
+def test_prior_preservation_tops_up_class_images_and_logs_prior_loss(tiny_model, instance_dir, tmp_path):
+    class_dir = tmp_path / "cats"
+    write_images(class_dir, 1, seed=7, prefix="mine")
+    paths = train(make_config(tiny_model, instance_dir, tmp_path / "run", class_dir=str(class_dir),
+                              class_prompt="a photo of a cat", num_class_images=3, class_image_steps=2))
+    assert len(list(class_dir.glob("*.png"))) == 3 and (class_dir / "mine00.png").exists()
+    record = json.loads(paths.metrics.read_text().splitlines()[0])
+    assert record["loss"] == pytest.approx(record["instance_loss"] + record["prior_loss"], rel=1e-5)
+
+
+def test_v_prediction_model_trains(tiny_vpred_model, instance_dir, tmp_path):
+    paths = train(make_config(tiny_vpred_model, instance_dir, tmp_path / "run", max_train_steps=1, snr_gamma=5.0))
+    assert yaml.safe_load(paths.config.read_text())["_run"]["prediction_type"] == "v_prediction"
+
+
+def test_output_holding_another_run_is_refused_then_moved_aside(tiny_model, instance_dir, tmp_path):
+    config = make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=1)
+    train(config)
+    with pytest.raises(UserError, match="already holds a run"):
+        train(config)
+    config.overwrite = True
+    train(config)
+    (moved,) = (tmp_path / "run").glob("replaced-*")
+    assert (moved / "pipeline" / "model_index.json").is_file() and (moved / "metrics.jsonl").is_file()
+
+
+def test_resume_with_other_settings_is_refused(tiny_model, instance_dir, tmp_path):
+    train(make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=1))
+    with pytest.raises(UserError, match="learning_rate"):
+        train(make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=2, resume=True, learning_rate=1e-4))
