@@ -1,0 +1,226 @@
+"""Instance and class images: finding, decoding, captions, transforms and step-indexed batches.
+
+No models and no tokenizer live here: prompts stay strings and the trainer encodes them. Images are
+decoded once, up front, so a broken file stops the run before any GPU time is spent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from dreambooth.errors import UserError
+
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+
+# Seeds for the four random streams are derived by one fixed arithmetic mix (see `_stream_seed`), so any
+# sample's order and augmentation can be recomputed from (seed, sample id) alone.
+_MIX = 1_000_003
+_INSTANCE_ORDER, _INSTANCE_AUGMENT, _CLASS_ORDER, _CLASS_AUGMENT = 0, 1, 2, 3
+
+
+def list_images(folder: str | Path, flag: str) -> list[Path]:
+    """Image files directly inside `folder`, sorted by name; a UserError naming `flag` if there are none."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise UserError(f"{flag} {folder}: folder not found; check the path")
+    if not folder.is_dir():
+        raise UserError(f"{flag} {folder}: this is a file, not a folder; pass the folder that holds the images")
+    # Hidden files are skipped because macOS copies leave "._photo.jpg" resource forks that are not images.
+    images = sorted(
+        p for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
+    if not images:
+        kinds = ", ".join(sorted(s.lstrip(".") for s in IMAGE_SUFFIXES))
+        raise UserError(f"{flag} {folder}: no images ({kinds}) in this folder; put the images directly in it")
+    return images
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode `path` fully into an RGB image with EXIF orientation applied; a UserError naming it if unreadable."""
+    try:
+        with Image.open(path) as opened:
+            # load() inside the try: Image.open only reads the header, truncation shows up when decoding.
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+            image = _to_rgb(image)
+            if image is opened:
+                image = image.copy()  # detach from the file handle the with-block closes
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise UserError(f"{path}: cannot read this image (truncated or not an image); fix or remove it") from err
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: 16-bit rescaled (not clipped), transparency composited over white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # PIL's own convert("L") clips 16-bit values at 255, turning nearly every pixel white; scale instead.
+        # "I" is how PIL has opened 16-bit PNG/TIFF, so it is read with the same 0..65535 range.
+        values = np.asarray(image).astype(np.float64)
+        grey = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode == "F":
+        grey = np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
+        # Transparent pixels hold arbitrary colour (often black); white is what a viewer shows and a
+        # photographer would expect behind a cut-out subject.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode != "RGB":
+        return image.convert("RGB")
+    return image
+
+
+def caption_for(path: Path, default_prompt: str) -> str:
+    """The prompt for one image: the text of a same-stem .txt beside it if present and non-empty, else the default."""
+    caption_path = path.with_suffix(".txt")
+    if not caption_path.is_file():
+        return default_prompt
+    try:
+        # utf-8-sig: Windows Notepad starts files with a BOM that would otherwise become part of the prompt.
+        text = caption_path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{caption_path}: cannot read this caption; save it as UTF-8 text or remove it") from err
+    # Collapse line breaks and runs of spaces: an editor's trailing newline must not change the prompt.
+    caption = " ".join(text.split())
+    return caption or default_prompt
+
+
+@dataclass
+class Example:
+    """One training image, decoded, with the prompt it is trained under."""
+
+    path: Path
+    prompt: str
+    image: Image.Image  # RGB, decoded once and kept in memory (DreamBooth sets are small)
+
+
+def load_examples(folder: str | Path, prompt: str, flag: str, limit: int | None = None) -> list[Example]:
+    """Every image in `folder` (the first `limit` by name, if given) decoded and captioned now, not mid-training."""
+    paths = list_images(folder, flag)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit must be positive, got {limit}")
+        paths = paths[:limit]
+    return [Example(path=p, prompt=caption_for(p, prompt), image=load_image(p)) for p in paths]
+
+
+def _resize_short_side(image: Image.Image, resolution: int) -> Image.Image:
+    """Scale so the shorter side is `resolution` (up or down), keeping the aspect ratio."""
+    width, height = image.size
+    if min(width, height) == resolution:
+        return image
+    scale = resolution / min(width, height)
+    # max() guards the rounding of the long side, which must never fall below the crop size.
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def to_tensor(
+    image: Image.Image, resolution: int, center_crop: bool, flip: bool, generator: torch.Generator
+) -> torch.Tensor:
+    """Resize (short side), crop to a square, optionally flip; float32 [3, R, R] in [-1, 1]."""
+    image = _resize_short_side(image, resolution)
+    width, height = image.size
+    if center_crop:
+        left, top = (width - resolution) // 2, (height - resolution) // 2
+    else:
+        # Both offsets are always drawn, so the generator advances the same way for every image shape.
+        top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    # np.array (a copy), not asarray: torch.from_numpy warns on PIL's read-only buffers.
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+    tensor = pixels.to(torch.float32) / 127.5 - 1.0
+    return tensor.flip(-1) if flip else tensor
+
+
+def _stream_seed(seed: int, stream: int, index: int) -> int:
+    """Seed for one (stream, epoch or sample id): ((seed * 1_000_003 + stream) * 1_000_003 + index) mod 2**63."""
+    return ((seed * _MIX + stream) * _MIX + index) % (2**63)
+
+
+def _generator(seed: int) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+class DreamBoothData:
+    """Deterministic, step-indexed batches: the batch for a given list of sample ids is a pure function of
+    (seed, ids), so a resumed run sees exactly the data an uninterrupted run would (no sampler state to save).
+
+    Sample id k picks instance example perm_e[k % n] with epoch e = k // n and perm_e a permutation of
+    range(n) drawn from a generator seeded by _stream_seed(seed, 0, e); its crop offset and flip come from
+    _stream_seed(seed, 1, k). Class examples use streams 2 and 3 with their own count m, so the same k also
+    walks the class set one full epoch at a time.
+    """
+
+    def __init__(
+        self,
+        instance: list[Example],
+        classes: list[Example] | None,
+        resolution: int,
+        center_crop: bool,
+        random_flip: bool,
+        seed: int,
+    ) -> None:
+        if not instance:
+            raise ValueError("DreamBoothData needs at least one instance example")
+        if classes is not None and not classes:
+            # An empty list is not "no prior preservation": silently training without class images is a
+            # known failure mode of other trainers, so the caller must say None explicitly.
+            raise ValueError("classes is an empty list; pass None to train without class images")
+        self.instance = instance
+        self.classes = classes
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.seed = seed
+        # Resizing is the only costly step and does not depend on randomness, so it is done once here;
+        # to_tensor leaves an image whose short side already equals the resolution untouched.
+        self._instance_images = [_resize_short_side(e.image, resolution) for e in instance]
+        self._class_images = [_resize_short_side(e.image, resolution) for e in classes or []]
+
+    @property
+    def num_instance(self) -> int:
+        return len(self.instance)
+
+    @property
+    def num_class(self) -> int:
+        return len(self.classes) if self.classes is not None else 0
+
+    def _pick(self, sample_id: int, count: int, order_stream: int) -> int:
+        epoch, position = divmod(sample_id, count)
+        permutation = torch.randperm(count, generator=_generator(_stream_seed(self.seed, order_stream, epoch)))
+        return int(permutation[position])
+
+    def _pixels(self, image: Image.Image, sample_id: int, augment_stream: int) -> torch.Tensor:
+        generator = _generator(_stream_seed(self.seed, augment_stream, sample_id))
+        # The flip is drawn even when random_flip is off so the crop offsets do not depend on that flag.
+        flip = bool(torch.rand((), generator=generator) < 0.5) and self.random_flip
+        return to_tensor(image, self.resolution, self.center_crop, flip, generator)
+
+    def batch(self, sample_ids: list[int]) -> dict:
+        """Instance examples for `sample_ids`, then (with class images) class examples for the same ids."""
+        if any(k < 0 for k in sample_ids):
+            raise ValueError(f"sample ids must be non-negative, got {sample_ids}")
+        pixels: list[torch.Tensor] = []
+        prompts: list[str] = []
+        for k in sample_ids:
+            index = self._pick(k, self.num_instance, _INSTANCE_ORDER)
+            pixels.append(self._pixels(self._instance_images[index], k, _INSTANCE_AUGMENT))
+            prompts.append(self.instance[index].prompt)
+        if self.classes is not None:
+            for k in sample_ids:
+                index = self._pick(k, self.num_class, _CLASS_ORDER)
+                pixels.append(self._pixels(self._class_images[index], k, _CLASS_AUGMENT))
+                prompts.append(self.classes[index].prompt)
+        return {"pixel_values": torch.stack(pixels), "prompts": prompts, "num_instance": len(sample_ids)}

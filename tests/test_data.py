@@ -1,0 +1,336 @@
+"""Data: odd-but-valid images decode, broken ones are named, transforms and step-indexed batches are exact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+from conftest import write_images
+from dreambooth.data import (
+    DreamBoothData,
+    Example,
+    caption_for,
+    list_images,
+    load_examples,
+    load_image,
+    to_tensor,
+)
+from dreambooth.errors import UserError
+
+RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
+
+
+def pixel(image: Image.Image, x: int, y: int) -> np.ndarray:
+    return np.asarray(image)[y, x].astype(int)
+
+
+def solid(colour: tuple[int, int, int], size: tuple[int, int] = (8, 8)) -> Image.Image:
+    return Image.new("RGB", size, colour)
+
+
+def examples(count: int, tag: str, size: int = 16) -> list[Example]:
+    """Examples with unique prompts and unique grey levels, so a batch reveals which example it drew."""
+    return [
+        Example(Path(f"{tag}{i}.png"), f"{tag} {i}", solid((10 * i,) * 3, (size, size))) for i in range(count)
+    ]
+
+
+def asymmetric(size: int = 16) -> Image.Image:
+    """Left half red, right half blue: any flip or crop offset shows in the pixels."""
+    pixels = np.zeros((size, size * 2, 3), dtype=np.uint8)
+    pixels[:, :size] = RED
+    pixels[:, size:] = BLUE
+    pixels[:, size - 2 : size + 2] = GREEN
+    return Image.fromarray(pixels)
+
+
+# --- odd but valid images -------------------------------------------------------------------------
+
+
+def test_cmyk_jpeg_becomes_rgb(tmp_path):
+    path = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(path, quality=95)  # pure red in CMYK
+    image = load_image(path)
+    assert image.mode == "RGB"
+    r, g, b = pixel(image, 8, 8)
+    assert r > 230 and g < 25 and b < 25
+
+
+def test_16bit_grayscale_scales_instead_of_clipping(tmp_path):
+    values = np.zeros((16, 16), dtype=np.uint16)
+    values[:, :4] = 0
+    values[:, 4:12] = 32768  # mid-grey in 16 bits
+    values[:, 12:] = 65535
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode.startswith("I")  # the file really is 16-bit
+    image = load_image(path)
+    assert image.mode == "RGB"
+    assert list(pixel(image, 0, 0)) == [0, 0, 0]
+    assert all(abs(v - 128) <= 1 for v in pixel(image, 8, 8))  # clipping would give 255
+    assert list(pixel(image, 15, 0)) == [255, 255, 255]
+
+
+def test_grayscale_becomes_rgb(tmp_path):
+    path = tmp_path / "grey.png"
+    Image.new("L", (8, 8), 77).save(path)
+    image = load_image(path)
+    assert image.mode == "RGB" and list(pixel(image, 3, 3)) == [77, 77, 77]
+
+
+def test_palette_with_transparency_composites_over_white(tmp_path):
+    palette_image = Image.new("P", (8, 8), 1)
+    palette_image.putpalette([0, 0, 0] + list(RED) + [0] * (256 * 3 - 6))
+    palette_image.paste(0, (0, 0, 4, 8))  # left half: index 0, black, made transparent below
+    path = tmp_path / "palette.png"
+    palette_image.save(path, transparency=0)
+    image = load_image(path)
+    assert image.mode == "RGB"
+    assert list(pixel(image, 1, 1)) == list(WHITE)  # transparent black shows as white, not black
+    assert list(pixel(image, 6, 1)) == list(RED)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_alpha_composites_over_white(tmp_path, mode):
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))  # fully transparent black
+    rgba.paste((0, 0, 0, 255), (4, 0, 8, 8))  # right half opaque black
+    path = tmp_path / f"alpha-{mode}.png"
+    rgba.convert(mode).save(path)
+    image = load_image(path)
+    assert image.mode == "RGB"
+    assert list(pixel(image, 1, 1)) == list(WHITE)
+    assert list(pixel(image, 6, 1)) == [0, 0, 0]
+
+
+def test_half_transparent_pixel_blends_with_white(tmp_path):
+    path = tmp_path / "half.png"
+    Image.new("RGBA", (4, 4), (255, 0, 0, 128)).save(path)
+    r, g, b = pixel(load_image(path), 1, 1)
+    assert r == 255 and abs(g - 127) <= 1 and abs(b - 127) <= 1
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # Stored 40 wide x 20 high, red left, blue right; orientation 6 = "rotate 90 degrees clockwise to view".
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[:, :20] = RED
+    stored[:, 20:] = BLUE
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(stored).save(path, exif=exif.tobytes(), quality=95)
+    image = load_image(path)
+    assert image.size == (20, 40)  # now portrait
+    top, bottom = pixel(image, 10, 5), pixel(image, 10, 35)
+    assert top[0] > 200 and top[2] < 50  # clockwise turn moves the left (red) side to the top
+    assert bottom[2] > 200 and bottom[0] < 50
+
+
+def test_small_image_is_upscaled(tmp_path):
+    path = tmp_path / "tiny.png"
+    solid(GREEN, (10, 20)).save(path)
+    tensor = to_tensor(load_image(path), 32, center_crop=True, flip=False, generator=torch.Generator())
+    assert tensor.shape == (3, 32, 32)
+    expected = torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1).expand(3, 32, 32)
+    assert torch.allclose(tensor, expected, atol=0.02)
+
+
+def test_loaded_image_is_detached_from_its_file(tmp_path):
+    path = tmp_path / "plain.png"
+    solid(RED).save(path)
+    image = load_image(path)
+    path.unlink()
+    assert list(pixel(image, 2, 2)) == list(RED)
+
+
+# --- broken images and folders --------------------------------------------------------------------
+
+
+def test_truncated_jpeg_is_named(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    path = tmp_path / "img3.jpg"
+    Image.fromarray(noise).save(path, quality=95)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="img3.jpg: cannot read"):
+        load_image(path)
+    assert not ImageFile.LOAD_TRUNCATED_IMAGES  # the fix must not be a global switch
+
+
+def test_text_renamed_png_is_named_by_load_examples(instance_dir):
+    (instance_dir / "notes.png").write_text("this is not an image\n")
+    with pytest.raises(UserError, match="notes.png: cannot read"):
+        load_examples(instance_dir, "a photo of miru cat", "--instance-dir")
+
+
+def test_missing_folder_names_flag(tmp_path):
+    with pytest.raises(UserError, match="--instance-dir .*not found"):
+        list_images(tmp_path / "nope", "--instance-dir")
+
+
+def test_file_instead_of_folder_names_flag(tmp_path):
+    path = tmp_path / "photo.png"
+    solid(RED).save(path)
+    with pytest.raises(UserError, match="--instance-dir .*not a folder"):
+        list_images(path, "--instance-dir")
+
+
+def test_folder_without_images_names_flag(tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    (folder / "caption.txt").write_text("a caption")
+    (folder / "._hidden.jpg").write_bytes(b"resource fork")
+    write_images(folder / "nested", 1)
+    with pytest.raises(UserError, match="--class-dir .*no images"):
+        list_images(folder, "--class-dir")
+
+
+def test_list_images_is_sorted_and_skips_non_images(instance_dir):
+    solid(RED).save(instance_dir / "UPPER.JPG", format="JPEG")
+    (instance_dir / "img00.txt").write_text("caption")
+    (instance_dir / ".hidden.png").write_bytes(b"x")
+    write_images(instance_dir / "sub", 1)
+    names = [p.name for p in list_images(instance_dir, "--instance-dir")]
+    assert names == ["UPPER.JPG", "img00.png", "img01.png", "img02.png"]
+
+
+# --- captions and examples ------------------------------------------------------------------------
+
+
+def test_caption_txt_overrides_prompt(instance_dir):
+    images = list_images(instance_dir, "--instance-dir")
+    images[0].with_suffix(".txt").write_text("  a photo of miru cat on a sofa\n")
+    images[1].with_suffix(".txt").write_text("\n  \n")
+    assert caption_for(images[0], "default") == "a photo of miru cat on a sofa"
+    assert caption_for(images[1], "default") == "default"  # empty caption file
+    assert caption_for(images[2], "default") == "default"  # no caption file
+    loaded = load_examples(instance_dir, "default", "--instance-dir")
+    assert [e.prompt for e in loaded] == ["a photo of miru cat on a sofa", "default", "default"]
+    assert all(e.image.mode == "RGB" for e in loaded)
+
+
+def test_load_examples_limit_takes_first_by_name(tmp_path):
+    write_images(tmp_path / "class", 5)
+    loaded = load_examples(tmp_path / "class", "a photo of a cat", "--class-dir", limit=2)
+    assert [e.path.name for e in loaded] == ["img00.png", "img01.png"]
+
+
+# --- transforms -----------------------------------------------------------------------------------
+
+
+def test_to_tensor_range_shape_and_dtype():
+    pixels = np.zeros((24, 40, 3), dtype=np.uint8)
+    pixels[:, 20:] = 255
+    tensor = to_tensor(Image.fromarray(pixels), 24, center_crop=True, flip=False, generator=torch.Generator())
+    assert tensor.shape == (3, 24, 24) and tensor.dtype == torch.float32
+    assert tensor.min().item() == -1.0 and tensor.max().item() == 1.0  # black and white map to the ends
+
+
+def test_large_image_is_downscaled_to_short_side():
+    tensor = to_tensor(solid(BLUE, (200, 100)), 16, center_crop=False, flip=False, generator=torch.Generator())
+    assert tensor.shape == (3, 16, 16)
+
+
+def test_center_crop_takes_the_centre():
+    # 60 x 20 at resolution 20: no resize, and only the middle third is green.
+    pixels = np.zeros((20, 60, 3), dtype=np.uint8)
+    pixels[:, :20], pixels[:, 20:40], pixels[:, 40:] = RED, GREEN, BLUE
+    image = Image.fromarray(pixels)
+    tensor = to_tensor(image, 20, center_crop=True, flip=False, generator=torch.Generator())
+    expected = torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1).expand(3, 20, 20)
+    assert torch.equal(tensor, expected)
+
+
+def test_random_crop_follows_the_generator():
+    image = asymmetric()
+    crops = [to_tensor(image, 16, False, False, torch.Generator().manual_seed(s)) for s in range(8)]
+    again = to_tensor(image, 16, False, False, torch.Generator().manual_seed(3))
+    assert torch.equal(crops[3], again)
+    assert len({tuple(c.flatten().tolist()) for c in crops}) > 1  # offsets really vary with the seed
+
+
+def test_flip_mirrors_horizontally():
+    image = asymmetric()
+    plain = to_tensor(image, 16, True, False, torch.Generator())
+    flipped = to_tensor(image, 16, True, True, torch.Generator())
+    assert not torch.equal(plain, flipped)
+    assert torch.equal(flipped, plain.flip(-1))
+
+
+# --- step-indexed batches -------------------------------------------------------------------------
+
+
+def order(data: DreamBoothData, ids) -> list[str]:
+    return data.batch(list(ids))["prompts"]
+
+
+def test_batch_is_deterministic_and_seed_dependent():
+    a = DreamBoothData(examples(8, "inst"), None, 16, center_crop=False, random_flip=True, seed=0)
+    b = DreamBoothData(examples(8, "inst"), None, 16, center_crop=False, random_flip=True, seed=0)
+    c = DreamBoothData(examples(8, "inst"), None, 16, center_crop=False, random_flip=True, seed=1)
+    first, second = a.batch([0, 1, 2, 3]), b.batch([0, 1, 2, 3])
+    assert torch.equal(first["pixel_values"], second["pixel_values"])
+    assert first["prompts"] == second["prompts"]
+    assert order(a, range(8)) != order(c, range(8))
+
+
+def test_each_epoch_visits_every_instance_once():
+    data = DreamBoothData(examples(5, "inst"), None, 16, center_crop=True, random_flip=False, seed=7)
+    everyone = sorted(f"inst {i}" for i in range(5))
+    epochs = [order(data, range(5 * e, 5 * e + 5)) for e in range(4)]
+    for epoch in epochs:
+        assert sorted(epoch) == everyone
+    assert len({tuple(epoch) for epoch in epochs}) > 1  # reshuffled each epoch
+
+
+def test_instance_examples_first_then_class_examples():
+    data = DreamBoothData(examples(3, "inst"), examples(7, "cls"), 16, True, False, seed=0)
+    assert (data.num_instance, data.num_class) == (3, 7)
+    batch = data.batch([0, 1])
+    assert batch["num_instance"] == 2
+    assert batch["pixel_values"].shape == (4, 3, 16, 16)
+    assert [p.split()[0] for p in batch["prompts"]] == ["inst", "inst", "cls", "cls"]
+    # The pixels belong to the prompt beside them: example i is a solid grey of level 10 * i.
+    for row, prompt in zip(batch["pixel_values"], batch["prompts"]):
+        level = 10 * int(prompt.split()[1])
+        assert torch.allclose(row, torch.full_like(row, level / 127.5 - 1.0))
+    class_epoch = order(data, range(7))[7:]
+    assert sorted(class_epoch) == sorted(f"cls {i}" for i in range(7))  # classes walk their own epochs
+
+
+def test_no_class_examples_gives_instance_only_batch():
+    data = DreamBoothData(examples(3, "inst"), None, 16, True, False, seed=0)
+    batch = data.batch([0, 1])
+    assert data.num_class == 0 and batch["pixel_values"].shape[0] == 2 == batch["num_instance"]
+
+
+def test_batch_of_two_equals_two_batches_of_one():
+    instance = [Example(Path(f"a{i}.png"), f"inst {i}", asymmetric(20)) for i in range(3)]
+    classes = [Example(Path(f"c{i}.png"), f"cls {i}", asymmetric(24)) for i in range(4)]
+    data = DreamBoothData(instance, classes, 16, center_crop=False, random_flip=True, seed=3)
+    pair, four, five = data.batch([4, 5]), data.batch([4]), data.batch([5])
+    four_px, five_px = four["pixel_values"], five["pixel_values"]
+    expected = torch.cat([four_px[:1], five_px[:1], four_px[1:], five_px[1:]])  # instances, then classes
+    assert torch.equal(pair["pixel_values"], expected)
+    assert pair["prompts"] == [four["prompts"][0], five["prompts"][0], four["prompts"][1], five["prompts"][1]]
+
+
+def test_random_flip_flips_about_half_and_only_when_asked():
+    image = asymmetric(16)  # short side 16 at resolution 16 with center crop: only the flip can differ
+    flipped_view = to_tensor(image, 16, True, True, torch.Generator())
+    with_flip = DreamBoothData([Example(Path("a.png"), "a", image)], None, 16, True, True, seed=0)
+    without = DreamBoothData([Example(Path("a.png"), "a", image)], None, 16, True, False, seed=0)
+    flips = [torch.equal(with_flip.batch([k])["pixel_values"][0], flipped_view) for k in range(40)]
+    assert 8 <= sum(flips) <= 32
+    assert not any(torch.equal(without.batch([k])["pixel_values"][0], flipped_view) for k in range(40))
+
+
+def test_batch_matches_to_tensor_of_the_original_image():
+    image = solid(RED, (30, 50))
+    image.paste(GREEN, (5, 10, 25, 40))
+    data = DreamBoothData([Example(Path("a.png"), "a", image)], None, 16, True, False, seed=0)
+    direct = to_tensor(image, 16, True, False, torch.Generator())
+    assert torch.equal(data.batch([0])["pixel_values"][0], direct)
