@@ -1,0 +1,308 @@
+"""Pretrain the miniature Stable Diffusion and the world-CLIP on the rendered world, on a CPU.
+
+    python -m dreambooth.miniworld.pretrain --output /work/miniworld-pretrain [--resume]
+
+Stages, each resumable from OUTPUT/checkpoints/<stage>.pt: (1) the VAE, (2) the world-CLIP,
+(3) the UNet jointly with the generator's own text encoder, then (4) export of fp16 diffusers /
+transformers folders to OUTPUT/pipeline and OUTPUT/world-clip. Images are rendered on the fly; the
+data of step k comes from a RNG seeded by (seed, stage, k), so a resumed run sees the same data.
+The generator's data never contains markings; the world-CLIP's does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel, compute_snr
+
+from . import components, world
+
+
+@dataclass
+class PretrainConfig:
+    seed: int = 0
+    threads: int = 2
+    vae_steps: int = 2000
+    vae_batch: int = 32
+    vae_crop: int = 32  # the VAE is fully convolutional: 32x32 crops cost a quarter of full images
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    clip_steps: int = 1200
+    clip_batch: int = 128
+    clip_lr: float = 1e-3
+    clip_marking_rate: float = 0.5
+    clip_vae_roundtrip: float = 0.5  # share of world-CLIP images passed through the VAE, so it can judge generations
+    unet_steps: int = 2800
+    unet_batch: int = 64
+    unet_lr: float = 5e-4
+    caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
+    snr_gamma: float = 5.0  # min-SNR loss weighting (Hang et al. 2023) converges faster
+    ema_decay: float = 0.999
+    checkpoint_every: int = 200
+
+
+def log(out: Path, msg: str) -> None:
+    line = f"{time.strftime('%H:%M:%S')} {msg}"
+    print(line, flush=True)
+    with open(out / "pretrain.log", "a") as f:
+        f.write(line + "\n")
+
+
+def step_rng(cfg: PretrainConfig, stage: str, step: int) -> tuple[random.Random, torch.Generator]:
+    """The data and noise RNGs of one step, independent of whether the run was resumed."""
+    seed = (cfg.seed * 1_000_003 + sum(map(ord, stage)) * 10_007 + step) % (2**31)
+    return random.Random(seed), torch.Generator().manual_seed(seed)
+
+
+def images_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(world.to_tensor_range(images))
+
+
+def save_checkpoint(path: Path, step: int, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"step": step, **{k: v.state_dict() for k, v in state.items()}}, tmp)
+    tmp.replace(path)  # atomic: a run killed mid-save keeps the previous checkpoint
+
+
+def load_checkpoint(path: Path, **state) -> int:
+    if not path.exists():
+        return 0
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    for k, v in state.items():
+        v.load_state_dict(ckpt[k])
+    return ckpt["step"]
+
+
+def run_stage(out: Path, name: str, steps: int, step_fn, every: int, state: dict) -> None:
+    """Resume `state` from its checkpoint, call step_fn(step) up to `steps`, checkpoint as we go."""
+    path = out / "checkpoints" / f"{name}.pt"
+    start = load_checkpoint(path, **state)
+    if start >= steps:
+        log(out, f"[{name}] done at step {start}")
+        return
+    log(out, f"[{name}] steps {start} -> {steps}")
+    t0, losses = time.time(), []
+    for step in range(start, steps):
+        losses.append(step_fn(step))
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            rate = (time.time() - t0) / (step + 1 - start)
+            log(out, f"[{name}] step {step + 1}/{steps} loss {np.mean(losses):.4f} "
+                     f"{rate:.2f}s/step eta {rate * (steps - step - 1) / 60:.1f}min")
+            losses = []
+        if (step + 1) % every == 0 or step + 1 == steps:
+            save_checkpoint(path, step + 1, **state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+
+
+def train_vae(out: Path, cfg: PretrainConfig, vae) -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(opt, 100, cfg.vae_steps)
+
+    def step(k: int) -> float:
+        rng, _ = step_rng(cfg, "vae", k)
+        images, _ = world.sample_batch(rng, cfg.vae_batch)
+        y, x = rng.randrange(0, 64 - cfg.vae_crop + 1, 4), rng.randrange(0, 64 - cfg.vae_crop + 1, 4)
+        x0 = images_tensor(images[:, y:y + cfg.vae_crop, x:x + cfg.vae_crop])
+        posterior = vae.encode(x0).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(recon, x0) + F.mse_loss(recon, x0) + cfg.vae_kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        return loss.item()
+
+    vae.train()
+    run_stage(out, "vae", cfg.vae_steps, step, cfg.checkpoint_every, {"vae": vae, "opt": opt, "sched": sched})
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def set_scaling_factor(out: Path, cfg: PretrainConfig, vae) -> float:
+    """scaling_factor = 1 / std of the latents, measured, so scaled latents have unit variance like SD's."""
+    rng, gen = step_rng(cfg, "scale", 0)
+    images, _ = world.sample_batch(rng, 512)
+    latents = vae.encode(images_tensor(images)).latent_dist.sample(generator=gen)
+    factor = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=factor)
+    log(out, f"[vae] latent mean {latents.mean():.3f} std {latents.std():.3f} -> scaling_factor {factor:.4f}")
+    return factor
+
+
+def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: torch.Tensor,
+              captions: list[str]) -> torch.Tensor:
+    """Contrastive loss where every pair with the same caption is a positive (batches repeat captions)."""
+    logits = scale * F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).T
+    same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
+    targets = same / same.sum(1, keepdim=True)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def train_world_clip(out: Path, cfg: PretrainConfig, clip, tokenizer, vae) -> None:
+    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=0.05)
+    sched = get_cosine_schedule_with_warmup(opt, 100, cfg.clip_steps)
+
+    def step(k: int) -> float:
+        rng, gen = step_rng(cfg, "clip", k)
+        images, specs = world.sample_batch(rng, cfg.clip_batch, marking_rate=cfg.clip_marking_rate)
+        pixels = images_tensor(images)
+        n = int(cfg.clip_batch * cfg.clip_vae_roundtrip)
+        if n:
+            with torch.no_grad():
+                latents = vae.encode(pixels[:n]).latent_dist.sample(generator=gen)
+                pixels[:n] = vae.decode(latents).sample.clamp(-1, 1)
+        captions = [world.full_caption(s) for s in specs]
+        ids = tokenizer(captions, padding="max_length", max_length=components.CLIP_MAX_LENGTH,
+                        truncation=True, return_tensors="pt").input_ids
+        img = clip.get_image_features(pixel_values=pixels)
+        txt = clip.get_text_features(input_ids=ids)
+        img = getattr(img, "pooler_output", img)
+        txt = getattr(txt, "pooler_output", txt)
+        loss = clip_loss(img, txt, clip.logit_scale.exp().clamp(max=100), captions)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        return loss.item()
+
+    clip.train()
+    run_stage(out, "world_clip", cfg.clip_steps, step, cfg.checkpoint_every, {"clip": clip, "opt": opt, "sched": sched})
+    clip.eval()
+
+
+def train_unet(out: Path, cfg: PretrainConfig, unet, text_encoder, tokenizer, vae, noise_scheduler) -> None:
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
+    sched = get_cosine_schedule_with_warmup(opt, 200, cfg.unet_steps)
+    ema_unet = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=0.75)
+    ema_text = EMAModel(text_encoder.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=0.75)
+    scale = vae.config.scaling_factor
+
+    def step(k: int) -> float:
+        rng, gen = step_rng(cfg, "unet", k)
+        images, specs = world.sample_batch(rng, cfg.unet_batch)  # marking_rate 0: no markings, ever
+        captions = ["" if rng.random() < cfg.caption_dropout else world.random_caption(s, rng) for s in specs]
+        with torch.no_grad():
+            latents = vae.encode(images_tensor(images)).latent_dist.sample(generator=gen) * scale
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
+        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
+        # min-SNR-gamma weights for epsilon prediction: min(snr, gamma) / snr.
+        snr = compute_snr(noise_scheduler, t)
+        weights = torch.clamp(snr, max=cfg.snr_gamma) / snr
+        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema_unet.step(unet.parameters())
+        ema_text.step(text_encoder.parameters())
+        return loss.item()
+
+    unet.train()
+    text_encoder.train()
+    state = {"unet": unet, "text_encoder": text_encoder, "opt": opt, "sched": sched,
+             "ema_unet": ema_unet, "ema_text": ema_text}
+    run_stage(out, "unet", cfg.unet_steps, step, cfg.checkpoint_every, state)
+    # Ship the EMA weights: for short runs they sample much better than the last iterate.
+    ema_unet.copy_to(unet.parameters())
+    ema_text.copy_to(text_encoder.parameters())
+    unet.eval()
+    text_encoder.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+
+
+def export(out: Path, cfg: PretrainConfig, models: dict, tokenizer, noise_scheduler) -> None:
+    """fp16 folders; configs keep float32 as the dtype to compute in (fp16 matmuls are slow on CPU)."""
+    for m in models.values():
+        m.to(torch.float16)
+    inference_scheduler = DDIMScheduler.from_config(noise_scheduler.config)
+    pipe = StableDiffusionPipeline(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tokenizer,
+                                   unet=models["unet"], scheduler=inference_scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out / "pipeline", safe_serialization=True)
+    clip_folder = out / "world-clip"
+    models["world_clip"].save_pretrained(clip_folder, safe_serialization=True)
+    for config in (out / "pipeline" / "text_encoder" / "config.json", clip_folder / "config.json"):
+        compute_in_float32(config)
+    clip_tok = components.build_tokenizer(clip_folder, model_max_length=components.CLIP_MAX_LENGTH)
+    assert clip_tok.get_vocab() == tokenizer.get_vocab()
+    (out / "pretrain_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    for m in models.values():
+        m.to(torch.float32)
+    log(out, f"exported {out / 'pipeline'} and {clip_folder}")
+
+
+def compute_in_float32(config_file: Path) -> None:
+    """Record float32 as the dtype: transformers' default dtype="auto" would otherwise load the fp16
+    weights as fp16, which mismatches the float32 UNet in the pipeline and is slow on CPUs."""
+
+    def fix(node):
+        if isinstance(node, dict):
+            return {k: ("float32" if k in ("dtype", "torch_dtype") and v else fix(v)) for k, v in node.items()}
+        return node
+
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps(fix(config), indent=2, sort_keys=True) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, required=True, help="folder for checkpoints, log and exported models")
+    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints (else it must be empty)")
+    for field, value in asdict(PretrainConfig()).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    cfg = PretrainConfig(**{k: getattr(args, k) for k in asdict(PretrainConfig())})
+    out: Path = args.output
+    if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()) and not args.resume:
+        parser.error(f"{out}/checkpoints is not empty; pass --resume to continue")
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+    # Setup: threads, seed, tokenizer and freshly initialised models (overwritten by checkpoints).
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    log(out, f"config {asdict(cfg)}")
+    tokenizer = components.build_tokenizer(out / "tokenizer")
+    models = components.build_models(tokenizer)
+    for name, m in models.items():
+        log(out, f"{name}: {components.n_params(m) / 1e6:.2f}M parameters")
+    noise_scheduler = components.scheduler()
+
+    # 1. VAE, then its measured scaling factor.
+    train_vae(out, cfg, models["vae"])
+    set_scaling_factor(out, cfg, models["vae"])
+    # 2. World-CLIP (it sees markings; nothing it learns flows into the generator).
+    train_world_clip(out, cfg, models["world_clip"], tokenizer, models["vae"])
+    # 3. UNet and the generator's own text encoder, trained jointly on marking-free captions.
+    train_unet(out, cfg, models["unet"], models["text_encoder"], tokenizer, models["vae"], noise_scheduler)
+    # 4. Export.
+    export(out, cfg, models, tokenizer, noise_scheduler)
+    log(out, f"pretraining finished in {(time.time() - t0) / 60:.1f} min (this invocation)")
+
+
+if __name__ == "__main__":
+    main()
