@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dreambooth.errors import UserError
-from dreambooth.files import atomic_dir, atomic_write_text, move_aside, read_jsonl
+from dreambooth.files import atomic_write_text, move_aside, read_jsonl, replace_dir
 
 STEP_FOLDER = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "state.json"
@@ -111,12 +111,19 @@ def claim_run_folder(paths: RunPaths, settings: dict[str, Any], resume: bool, ov
 def save_checkpoint(accelerator, paths: RunPaths, step: int, keep: int) -> Path:
     """Write a complete checkpoint for `step` atomically, then prune all but the newest `keep`."""
     final = paths.checkpoint(step)
+    # Every process writes into one shared temporary folder (each saves its own RNG state there).
+    tmp = final.with_name(f".{final.name}.tmp")
     if accelerator.is_main_process:
-        with atomic_dir(final) as tmp:
-            accelerator.save_state(str(tmp), safe_serialization=True)
-            atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step}))
-        for old in list_checkpoints(paths)[:-keep]:
-            shutil.rmtree(old[1], ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step}))
+        replace_dir(tmp, final)
+        for _, old in list_checkpoints(paths)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 

@@ -30,7 +30,7 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-def encode_prompts(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
-    """The per-token hidden states the UNet cross-attends to."""
-    token_ids = tokenize(tokenizer, prompts).to(text_encoder.device)
+def encode_prompts(text_encoder, tokenizer, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """The per-token hidden states the UNet cross-attends to (the encoder may be wrapped for multi-GPU)."""
+    token_ids = tokenize(tokenizer, prompts).to(device)
     return text_encoder(token_ids)[0]

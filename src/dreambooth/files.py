@@ -59,14 +59,19 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, final)
+
+
+def replace_dir(complete: Path, final: Path) -> None:
+    """Give the finished folder `complete` the name `final`, replacing an older `final` if there is one."""
     if final.exists():
         # A folder cannot be os.replace()d onto a non-empty one: swap via a second rename.
         old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.old")
         os.replace(final, old)
-        os.replace(tmp, final)
+        os.replace(complete, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, final)
+        os.replace(complete, final)
 
 
 def move_aside(folder: Path, names: list[str]) -> Path | None:

@@ -137,8 +137,10 @@ def prepare_models(components: Components, config: TrainConfig, accelerator) -> 
     for module in frozen:
         module.requires_grad_(False)
         module.eval()
-        # Trained weights stay fp32 (autocast computes in half); frozen ones are simply stored in half.
-        module.to(accelerator.device, dtype=weight_dtype)
+        module.to(accelerator.device)
+        if weight_dtype != torch.float32:
+            # Trained weights stay fp32 (autocast computes in half); frozen ones are simply stored in half.
+            module.to(dtype=weight_dtype)
     for module in trained.values():
         module.requires_grad_(True)
         module.train()
@@ -208,7 +210,7 @@ def micro_step_loss(batch: dict[str, Any], generator: torch.Generator, component
     latents, noise, timesteps = (t.to(accelerator.device) for t in (latents, noise, timesteps))
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
     with torch.set_grad_enabled(config.train_text_encoder):
-        hidden_states = encode_prompts(components.text_encoder, components.tokenizer, batch["prompts"])
+        hidden_states = encode_prompts(components.text_encoder, components.tokenizer, batch["prompts"], accelerator.device)
     with accelerator.autocast():
         prediction = components.unet(noisy_latents, timesteps, hidden_states).sample
     target = prediction_target(scheduler, latents, noise, timesteps)
@@ -266,7 +268,7 @@ def write_validation_images(components: Components, accelerator, paths: RunPaths
 def save_pipeline(components: Components, trained: dict[str, torch.nn.Module], accelerator, paths: RunPaths,
                   config: TrainConfig) -> None:
     """The base pipeline with the fine-tuned parts swapped in, saved in diffusers format (safetensors)."""
-    replaced = {name: accelerator.unwrap_model(getattr(components, name)).to(torch.float32) for name in trained}
+    replaced = {name: accelerator.unwrap_model(getattr(components, name)) for name in trained}  # fp32 throughout
     pipeline = load_pipeline(components.source, **replaced)
     with atomic_dir(paths.pipeline) as folder:
         pipeline.save_pretrained(folder, safe_serialization=True)
