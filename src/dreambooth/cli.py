@@ -76,6 +76,10 @@ def add_flag(parser: argparse.ArgumentParser, spec: dataclasses.Field, hint: Any
     if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `X | None`
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
     kwargs: dict[str, Any] = {"default": None, "dest": spec.name, "help": spec.metadata.get("help", "") + default_note(spec)}
+    if spec.metadata.get("positional"):
+        # Optional on the command line so that a --config file may give it instead.
+        parser.add_argument(spec.name, nargs="?", type=hint, default=None, metavar=spec.name.upper(), help=kwargs["help"])
+        return
     if hint is bool:
         parser.add_argument(flag_name(spec.name), action=argparse.BooleanOptionalAction, **kwargs)
         return

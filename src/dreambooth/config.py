@@ -30,9 +30,10 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
-           positive: bool = False, non_negative: bool = False, cli: bool = True) -> Any:
-    """A dataclass field carrying its CLI help and simple validation rules."""
-    metadata = {"help": help, "choices": choices, "positive": positive, "non_negative": non_negative, "cli": cli}
+           positive: bool = False, non_negative: bool = False, cli: bool = True, positional: bool = False) -> Any:
+    """A dataclass field carrying its CLI help and simple validation rules (positional: `cmd VALUE`, not `--flag`)."""
+    metadata = {"help": help, "choices": choices, "positive": positive, "non_negative": non_negative, "cli": cli,
+                "positional": positional}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -151,6 +152,33 @@ class GenerateConfig:
             value = getattr(self, name)
             if value is not None and value % 8:
                 raise UserError(f"{flag_name(name)} {value}: must be a multiple of 8")
+
+
+@dataclass
+class EvaluateConfig:
+    """Measure a generation with the DreamBooth paper's metrics (DINO, CLIP-I, CLIP-T, PRES, DIV)."""
+
+    samples: str = option(help="A `generate` output folder (with manifest.jsonl).", positional=True)
+    reference_dir: str = option(help="Folder of real photos of the subject (the instance images).")
+    class_prompt: str | None = option(None, 'Images made with this prompt (e.g. "a photo of a cat") measure PRES.')
+    clip_model: str = option("openai/clip-vit-base-patch32", "CLIP model for CLIP-I and CLIP-T: hub id or folder.")
+    dino_model: str = option("facebook/dino-vits16", "DINO ViT for DINO, PRES and DIV: hub id or folder (a CLIP folder works too).")
+    output: str | None = option(None, "Where to write the metrics (default: SAMPLES/metrics.jsonl).")
+    batch_size: int = option(16, "Images embedded at once.", positive=True)
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+@dataclass
+class ReportConfig:
+    """Write report.html and report.md for a sweep folder."""
+
+    directory: str = option(help="A sweep output folder.", positional=True)
+    prompt: str | None = option(None, "Prompt shown in the trials x settings table (default: the first).")
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
 
 
 def validate_fields(config: Any) -> None:
