@@ -268,16 +268,23 @@ def compute_in_float32(config_file: Path) -> None:
     config_file.write_text(json.dumps(fix(config), indent=2, sort_keys=True) + "\n")
 
 
+STAGES = ("vae", "clip", "unet", "export")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, required=True, help="folder for checkpoints, log and exported models")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints (else it must be empty)")
     for field, value in asdict(PretrainConfig()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--stages", default="all",
+                        help="comma-separated subset of vae,clip,unet,export: clip and unet can run as two "
+                             "one-thread processes side by side once the VAE is done; export loads all three")
     args = parser.parse_args(argv)
     cfg = PretrainConfig(**{k: getattr(args, k) for k in asdict(PretrainConfig())})
     out: Path = args.output
-    if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()) and not args.resume:
+    if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()) and not args.resume \
+            and args.stages == "all":
         parser.error(f"{out}/checkpoints is not empty; pass --resume to continue")
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
 
@@ -292,15 +299,21 @@ def main(argv: list[str] | None = None) -> None:
         log(out, f"{name}: {components.n_params(m) / 1e6:.2f}M parameters")
     noise_scheduler = components.scheduler()
 
+    stages = STAGES if args.stages == "all" else args.stages.split(",")
+    wanted = set(STAGES) if "export" in stages else set(stages) | {"vae"}  # later stages need the VAE
+
     # 1. VAE, then its measured scaling factor.
     train_vae(out, cfg, models["vae"])
     set_scaling_factor(out, cfg, models["vae"])
     # 2. World-CLIP (it sees markings; nothing it learns flows into the generator).
-    train_world_clip(out, cfg, models["world_clip"], tokenizer, models["vae"])
+    if "clip" in wanted:
+        train_world_clip(out, cfg, models["world_clip"], tokenizer, models["vae"])
     # 3. UNet and the generator's own text encoder, trained jointly on marking-free captions.
-    train_unet(out, cfg, models["unet"], models["text_encoder"], tokenizer, models["vae"], noise_scheduler)
+    if "unet" in wanted:
+        train_unet(out, cfg, models["unet"], models["text_encoder"], tokenizer, models["vae"], noise_scheduler)
     # 4. Export.
-    export(out, cfg, models, tokenizer, noise_scheduler)
+    if "export" in stages:
+        export(out, cfg, models, tokenizer, noise_scheduler)
     log(out, f"pretraining finished in {(time.time() - t0) / 60:.1f} min (this invocation)")
 
 
