@@ -51,8 +51,12 @@ def test_train_text_encoder_changes_it(tiny_model, instance_dir, tmp_path):
 
 
 def test_run_folder_holds_every_fixed_name(tiny_model, instance_dir, tmp_path):
-    paths = train(make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=3,
+    paths = train(make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=3, save_pipeline_at=[2, 3],
                               validation_prompt=["a photo of miru cat"], validation_every=2, validation_steps=2))
+    at_step_2 = weights(paths.pipeline_at(2), "unet")
+    assert max_difference(at_step_2, weights(paths.pipeline, "unet")) > 0
+    assert max_difference(at_step_2, weights(tiny_model, "unet")) > 0
+    assert not paths.pipeline_at(3).exists()  # the last step's pipeline is RUN/pipeline
     records = [json.loads(line) for line in paths.metrics.read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert set(records[0]) == {"step", "loss", "instance_loss", "lr", "seconds"}

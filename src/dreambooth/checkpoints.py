@@ -21,7 +21,7 @@ STEP_FOLDER = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "state.json"
 # Settings that may change between a run and its resumption without making it a different run.
 RESUMABLE_CHANGES = {
-    "resume", "overwrite", "max_train_steps", "checkpoint_every", "keep_checkpoints",
+    "resume", "overwrite", "max_train_steps", "save_pipeline_at", "checkpoint_every", "keep_checkpoints",
     "validation_prompt", "validation_every", "validation_seeds", "validation_steps",
 }
 
@@ -39,6 +39,10 @@ class RunPaths:
     @property
     def pipeline(self) -> Path:
         return self.root / "pipeline"
+
+    def pipeline_at(self, step: int) -> Path:
+        """A pipeline saved at an intermediate step (`save_pipeline_at`)."""
+        return self.root / "pipelines" / f"step-{step:06d}"
 
     @property
     def lora(self) -> Path:
@@ -72,8 +76,8 @@ class RunPaths:
 
     def owned_names(self) -> list[str]:
         """Top-level entries a run writes: what --overwrite moves aside."""
-        return [p.name for p in (self.config, self.pipeline, self.lora, self.metrics, self.loss_plot,
-                                 self.model_card, self.checkpoints, self.validation)]
+        return [p.name for p in (self.config, self.pipeline, self.pipeline_at(0).parent, self.lora, self.metrics,
+                                 self.loss_plot, self.model_card, self.checkpoints, self.validation)]
 
 
 def claim_run_folder(paths: RunPaths, settings: dict[str, Any], resume: bool, overwrite: bool) -> None:

@@ -96,6 +96,7 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this (0 turns clipping off).", non_negative=True)
     offset_noise: float = option(0.0, "Offset-noise strength (helps very dark or bright images).", non_negative=True)
     snr_gamma: float | None = option(None, "Min-SNR loss weighting gamma (5.0 is the paper's value).", positive=True)
+    save_pipeline_at: list[int] = option([], "Also save the pipeline at these steps, in RUN/pipelines/step-NNNNNN/ (sweeps use this).")
     checkpoint_every: int = option(0, "Save a resumable checkpoint every N steps (0: never).", non_negative=True)
     keep_checkpoints: int = option(2, "Keep only the newest K checkpoints.", positive=True)
     resume: bool = option(False, "Continue the run in --output from its newest checkpoint.")
@@ -165,6 +166,17 @@ class EvaluateConfig:
     dino_model: str = option("facebook/dino-vits16", "DINO ViT for DINO, PRES and DIV: hub id or folder (a CLIP folder works too).")
     output: str | None = option(None, "Where to write the metrics (default: SAMPLES/metrics.jsonl).")
     batch_size: int = option(16, "Images embedded at once.", positive=True)
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+@dataclass
+class SweepConfig:
+    """Train, sample, evaluate and report a grid of DreamBooth settings, sharing work between trials."""
+
+    sweep: str = option(help="The sweep file (YAML or TOML): base settings, grid, sampling, prompts, seeds.", positional=True)
+    output: str = option(help="The sweep folder; running the same command again continues where it stopped.")
 
     def __post_init__(self) -> None:
         validate_fields(self)

@@ -101,6 +101,8 @@ def train(config: TrainConfig) -> RunPaths:
             append_jsonl(paths.metrics, metrics_record(step, result, lr_schedule.get_last_lr()[0], seconds))
         progress.update(1)
         progress.set_postfix(loss=f"{result.loss:.4f}")
+        if step in config.save_pipeline_at and step < config.max_train_steps and accelerator.is_main_process:
+            save_pipeline(components, trained, accelerator, paths.pipeline_at(step))
         if needs_checkpoint(step, config):
             save_checkpoint(accelerator, paths, step, config.keep_checkpoints)
         if needs_validation(step, config):
@@ -110,7 +112,7 @@ def train(config: TrainConfig) -> RunPaths:
     # 7. The fine-tuned pipeline, loss curve and model card.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_pipeline(components, trained, accelerator, paths, config)
+        save_pipeline(components, trained, accelerator, paths.pipeline)
         write_loss_plot(paths.metrics, paths.loss_plot)
         write_model_card(paths, settings)
     accelerator.end_training()
@@ -265,12 +267,11 @@ def write_validation_images(components: Components, accelerator, paths: RunPaths
     accelerator.wait_for_everyone()
 
 
-def save_pipeline(components: Components, trained: dict[str, torch.nn.Module], accelerator, paths: RunPaths,
-                  config: TrainConfig) -> None:
+def save_pipeline(components: Components, trained: dict[str, torch.nn.Module], accelerator, target: Path) -> None:
     """The base pipeline with the fine-tuned parts swapped in, saved in diffusers format (safetensors)."""
     replaced = {name: accelerator.unwrap_model(getattr(components, name)) for name in trained}  # fp32 throughout
     pipeline = load_pipeline(components.source, **replaced)
-    with atomic_dir(paths.pipeline) as folder:
+    with atomic_dir(target) as folder:
         pipeline.save_pretrained(folder, safe_serialization=True)
 
 
