@@ -360,6 +360,19 @@ def miru_instance_images(n: int = 5, seed: int = 0, scene: str = "in a room") ->
     return [Image.fromarray(render(miru_spec(rng, scene=scene))) for _ in range(n)]
 
 
+def save_instance_images(folder, n: int = 5, seed: int = 0) -> list:
+    """Write miru's instance photos as PNGs (miru-00.png, ...) and return their paths."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, im in enumerate(miru_instance_images(n, seed=seed)):
+        paths.append(folder / f"miru-{i:02d}.png")
+        im.save(paths[-1])
+    return paths
+
+
 def to_tensor_range(images: np.ndarray) -> "np.ndarray":
     """uint8 NHWC -> float32 NCHW in [-1, 1], the range the VAE expects."""
     return (images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5) - 1.0
