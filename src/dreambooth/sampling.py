@@ -1,0 +1,292 @@
+"""Generation: samplers, seeded rendering, PNG metadata, the manifest and the labelled comparison grid.
+
+`render` is the one way images are made (the `generate` command, class images, validation during
+training), so an image depends only on its prompt, seed and setting, never on batch size or position.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+from tqdm.auto import tqdm
+
+from dreambooth.config import SCHEDULER_NAMES, GenerateConfig
+from dreambooth.errors import UserError
+from dreambooth.files import append_jsonl, move_aside
+from dreambooth.models import default_device, inference_dtype, load_pipeline
+
+MANIFEST = "manifest.jsonl"
+IMAGES = "images"
+GRID = "grid.png"
+GENERATION_FILES = [IMAGES, MANIFEST, GRID]
+
+# Names AUTOMATIC1111 / ComfyUI readers recognise in a "parameters" chunk.
+A1111_SAMPLER_NAMES = {
+    "ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "euler": "Euler",
+    "euler-a": "Euler a", "dpm++": "DPM++ 2M", "unipc": "UniPC",
+}
+
+# Where render() keeps the scheduler config the pipeline came with.
+_BASE_SCHEDULER_CONFIG = "_dreambooth_base_scheduler_config"
+
+
+# CLI name -> diffusers class name.
+SCHEDULER_CLASSES = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+assert set(SCHEDULER_CLASSES) == set(SCHEDULER_NAMES), "config.SCHEDULER_NAMES and SCHEDULER_CLASSES disagree"
+
+
+def check_scheduler_name(name: str) -> None:
+    if name not in SCHEDULER_CLASSES:
+        raise UserError(f"--scheduler {name}: unknown sampler; choose one of {', '.join(SCHEDULER_NAMES)}")
+
+
+def make_scheduler(name: str, base_config: Any):
+    """A sampler by its CLI name, with the model's betas and prediction type taken from `base_config`."""
+    import diffusers
+
+    check_scheduler_name(name)
+    overrides: dict[str, Any] = {}
+    if name == "pndm":
+        # Stable Diffusion samples with PLMS only; the Runge-Kutta warm-up fails below ~4 steps and
+        # quadruples the UNet calls of the first steps.
+        overrides["skip_prk_steps"] = True
+    return getattr(diffusers, SCHEDULER_CLASSES[name]).from_config(base_config, **overrides)
+
+
+@dataclass(frozen=True)
+class SamplingSetting:
+    """How an image is sampled, apart from its prompt and seed."""
+
+    steps: int
+    guidance: float
+    scheduler: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.scheduler}, {self.steps} steps, guidance {self.guidance:g}"
+
+
+def render(pipeline, prompts: list[str], seeds: list[int], setting: SamplingSetting, *, negative_prompt: str = "",
+           height: int | None = None, width: int | None = None, batch_size: int = 1) -> list[Image.Image]:
+    """Image i shows prompts[i] made with seeds[i]; batches only change speed, not pixels."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"render: {len(prompts)} prompts but {len(seeds)} seeds; give one seed per image")
+    if batch_size < 1:
+        raise ValueError(f"render: batch_size must be positive, not {batch_size}")
+    base = getattr(pipeline, _BASE_SCHEDULER_CONFIG, None)
+    if base is None:
+        base = pipeline.scheduler.config
+        setattr(pipeline, _BASE_SCHEDULER_CONFIG, base)
+    pipeline.scheduler = make_scheduler(setting.scheduler, base)
+    pipeline.set_progress_bar_config(disable=True)
+    # diffusers advises CPU generators on MPS (its own are unsupported in older torch); the noise is moved over.
+    generator_device = "cpu" if pipeline.device.type == "mps" else pipeline.device
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), batch_size):
+        batch_prompts = prompts[start : start + batch_size]
+        # One generator per image: diffusers then draws each image's noise from its own stream.
+        generators = [torch.Generator(device=generator_device).manual_seed(seed)
+                      for seed in seeds[start : start + batch_size]]
+        result = pipeline(
+            prompt=batch_prompts,
+            # None (not "") lets SDXL use its zeroed unconditional embedding for an empty negative prompt.
+            negative_prompt=[negative_prompt] * len(batch_prompts) if negative_prompt else None,
+            num_inference_steps=setting.steps,
+            guidance_scale=setting.guidance,
+            height=height,
+            width=width,
+            generator=generators,
+            output_type="pil",
+        )
+        images.extend(result.images)
+    return images
+
+
+def a1111_parameters(metadata: dict[str, Any], size: tuple[int, int]) -> str:
+    """The "parameters" text AUTOMATIC1111 writes, so its PNG-info tab and ComfyUI read our images."""
+
+    def quote(value: Any) -> str:
+        text = str(value)
+        # The reader splits on ", " and ": "; A1111 JSON-quotes values holding them.
+        return json.dumps(text) if any(c in text for c in ",:\n") else text
+
+    lines = [str(metadata.get("prompt", ""))]
+    if metadata.get("negative_prompt"):
+        lines.append(f"Negative prompt: {metadata['negative_prompt']}")
+    fields = {
+        "Steps": metadata.get("steps"),
+        "Sampler": A1111_SAMPLER_NAMES.get(str(metadata.get("scheduler")), metadata.get("scheduler")),
+        "CFG scale": metadata.get("guidance"),
+        "Seed": metadata.get("seed"),
+        "Size": f"{size[0]}x{size[1]}",
+        "Model": metadata.get("model"),
+    }
+    lines.append(", ".join(f"{key}: {quote(value)}" for key, value in fields.items() if value is not None))
+    return "\n".join(lines)
+
+
+def save_png(image: Image.Image, path: Path, metadata: dict) -> None:
+    """Write a PNG carrying `metadata` as text chunks; readers never see a half-written file."""
+    path = Path(path)
+    info = PngInfo()
+    for key, value in metadata.items():
+        info.add_text(str(key), str(value))  # falls back to an iTXt chunk for non-Latin-1 text
+    if "prompt" in metadata and "parameters" not in metadata:
+        info.add_text("parameters", a1111_parameters(metadata, image.size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _wrap(text: str, font, width: float) -> list[str]:
+    """Greedy word wrap to a pixel width; words wider than a line are split between characters."""
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split():
+            candidate = f"{line} {word}" if line else word
+            if font.getlength(candidate) <= width:
+                line = candidate
+                continue
+            if line:
+                lines.append(line)
+            line = ""
+            for char in word:
+                if line and font.getlength(line + char) > width:
+                    lines.append(line)
+                    line = ""
+                line += char
+        lines.append(line)
+    return lines
+
+
+def make_grid(rows: list[list[Image.Image]], row_labels: list[str], column_labels: list[str]) -> Image.Image:
+    """A labelled table: column labels on top, row labels on the left, one image per cell.
+
+    The cells' boxes (left, top, right, bottom), row by row, are in `grid.info["cells"]`.
+    """
+    if not rows or not rows[0]:
+        raise ValueError("make_grid: no images")
+    n_cols = len(rows[0])
+    if any(len(row) != n_cols for row in rows) or len(row_labels) != len(rows) or len(column_labels) != n_cols:
+        raise ValueError("make_grid: every row needs one image per column label, and one row label per row")
+    image_w = max(image.width for row in rows for image in row)
+    image_h = max(image.height for row in rows for image in row)
+    # Tiny images are blown up by a whole factor (nearest neighbour, so no invented detail) to give labels room.
+    scale = max(1, math.ceil(128 / max(image_w, image_h)))
+    cell_w, cell_h = image_w * scale, image_h * scale
+    gap = max(2, cell_w // 64)
+    font = ImageFont.load_default(size=min(32, max(12, round(cell_w / 14))))
+    ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (font.getbbox("Ag")[3], 0)
+    line_h = ascent + descent + 2
+
+    header = [_wrap(label, font, cell_w - 2 * gap) for label in column_labels]
+    top = max(len(lines) for lines in header) * line_h + 2 * gap if any(column_labels) else gap
+    label_w = max((font.getlength(label) for label in row_labels), default=0)
+    left = round(min(cell_w, label_w) + 2 * gap) if any(row_labels) else gap
+    side = [_wrap(label, font, left - 2 * gap) for label in row_labels]
+
+    grid = Image.new("RGB", (left + n_cols * (cell_w + gap), top + len(rows) * (cell_h + gap)), "white")
+    draw = ImageDraw.Draw(grid)
+    cells = []
+    for c, lines in enumerate(header):
+        x = left + c * (cell_w + gap)
+        for i, line in enumerate(lines):
+            draw.text((x + (cell_w - font.getlength(line)) / 2, gap + i * line_h), line, fill="black", font=font)
+    for r, row in enumerate(rows):
+        y = top + r * (cell_h + gap)
+        text_y = y + (cell_h - len(side[r]) * line_h) / 2
+        for i, line in enumerate(side[r]):
+            draw.text((gap, text_y + i * line_h), line, fill="black", font=font)
+        for c, image in enumerate(row):
+            x = left + c * (cell_w + gap)
+            scaled = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+            grid.paste(scaled, (x, y))
+            cells.append([x, y, x + scaled.width, y + scaled.height])
+    grid.info["cells"] = json.dumps(cells)
+    return grid
+
+
+def prepare_output(folder: Path, overwrite: bool) -> None:
+    """Refuse a folder holding an earlier generation, or with --overwrite move its files aside."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--output {folder}: exists and is not a folder")
+    if not any((folder / name).exists() for name in GENERATION_FILES):
+        return
+    if not overwrite:
+        raise UserError(f"--output {folder} already holds a generation; pick another folder or pass --overwrite")
+    moved = move_aside(folder, GENERATION_FILES)
+    print(f"generate: moved the earlier generation in {folder} to {moved}")
+
+
+def image_name(setting: SamplingSetting, prompt_index: int, seed: int) -> str:
+    return f"s{setting.steps}-g{setting.guidance:g}-p{prompt_index}-seed{seed}.png"
+
+
+def generate(config: GenerateConfig) -> Path:
+    """Render every prompt x seed under every (steps, guidance) setting; write images, manifest and grid."""
+    prompts = list(config.prompt)
+    if not prompts or not config.guidance:
+        raise UserError(f"{'--prompt' if not prompts else '--guidance'}: give at least one value")
+    # Repeated values would name the same file twice.
+    seeds = list(dict.fromkeys(config.seeds))
+    settings = [SamplingSetting(steps, guidance, config.scheduler)
+                for steps, guidance in product(dict.fromkeys(config.steps), dict.fromkeys(config.guidance))]
+    columns = list(product(range(len(prompts)), seeds))
+    check_scheduler_name(config.scheduler)  # fail before minutes of model loading
+
+    output = Path(config.output)
+    prepare_output(output, config.overwrite)
+    device = default_device()
+    pipeline = load_pipeline(config.model, allow_pickle=config.allow_pickle, torch_dtype=inference_dtype(device))
+    pipeline = pipeline.to(device)
+
+    rows: list[list[Image.Image]] = []
+    with tqdm(total=len(settings) * len(columns), desc="generate", unit="img") as progress:
+        for setting in settings:
+            row: list[Image.Image] = []
+            for start in range(0, len(columns), config.batch_size):
+                batch = columns[start : start + config.batch_size]
+                images = render(pipeline, [prompts[p] for p, _ in batch], [seed for _, seed in batch], setting,
+                                negative_prompt=config.negative_prompt, height=config.height, width=config.width,
+                                batch_size=config.batch_size)
+                for (p, seed), image in zip(batch, images):
+                    record = {
+                        "file": f"{IMAGES}/{image_name(setting, p, seed)}", "prompt": prompts[p],
+                        "negative_prompt": config.negative_prompt, "seed": seed, "steps": setting.steps,
+                        "guidance": setting.guidance, "scheduler": setting.scheduler, "model": config.model,
+                        "height": image.height, "width": image.width,
+                    }
+                    save_png(image, output / record["file"], {k: v for k, v in record.items() if k != "file"})
+                    append_jsonl(output / MANIFEST, record)  # after the image: a line never names a missing file
+                    row.append(image)
+                progress.update(len(batch))
+            rows.append(row)
+
+    column_labels = [f"{prompts[p]}\nseed {seed}" for p, seed in columns]
+    grid = make_grid(rows, [setting.label for setting in settings], column_labels)
+    save_png(grid, output / GRID, {"model": config.model, "rows": json.dumps([s.label for s in settings]),
+                                   "columns": json.dumps(column_labels), "cells": grid.info["cells"]})
+    return output
