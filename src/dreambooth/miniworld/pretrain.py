@@ -38,6 +38,9 @@ class PretrainConfig:
     vae_crop: int = 32  # the VAE is fully convolutional: 32x32 crops cost a quarter of full images
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    # The VAE is a general image codec (SD's reconstructs any photo), so it also sees marked animals:
+    # without them it cannot reconstruct orange ears at all. The UNet and text encoder never see markings.
+    vae_marking_rate: float = 0.25
     clip_steps: int = 1200
     clip_batch: int = 128
     clip_lr: float = 1e-3
@@ -114,7 +117,7 @@ def train_vae(out: Path, cfg: PretrainConfig, vae) -> None:
 
     def step(k: int) -> float:
         rng, _ = step_rng(cfg, "vae", k)
-        images, _ = world.sample_batch(rng, cfg.vae_batch)
+        images, _ = world.sample_batch(rng, cfg.vae_batch, marking_rate=cfg.vae_marking_rate)
         y, x = rng.randrange(0, 64 - cfg.vae_crop + 1, 4), rng.randrange(0, 64 - cfg.vae_crop + 1, 4)
         x0 = images_tensor(images[:, y:y + cfg.vae_crop, x:x + cfg.vae_crop])
         posterior = vae.encode(x0).latent_dist
