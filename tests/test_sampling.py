@@ -271,3 +271,11 @@ def test_overwrite_moves_the_old_generation_aside(tiny_model, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
     (record,) = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert record["prompt"] == "a dog" and (out / record["file"]).is_file() and (out / "grid.png").is_file()
+
+
+def test_several_schedulers_make_more_rows_and_name_their_files(tiny_model, tmp_path):
+    config = generate_config(tiny_model, tmp_path / "gen", scheduler=["ddim", "euler"], guidance=[3.0])
+    generate(config)
+    records = [json.loads(line) for line in (tmp_path / "gen" / "manifest.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in records] == ["images/ddim-s1-g3-p0-seed0.png", "images/euler-s1-g3-p0-seed0.png"]
+    assert [r["scheduler"] for r in records] == ["ddim", "euler"]

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 from dreambooth import __version__
-from dreambooth.config import (ClassImagesConfig, GenerateConfig, TrainConfig, build_config, cli_fields,
-                               flag_name, load_config_file)
+from dreambooth.config import (ClassImagesConfig, EvaluateConfig, GenerateConfig, ReportConfig, SweepConfig,
+                               TrainConfig, build_config, cli_fields, flag_name, load_config_file)
 from dreambooth.errors import UserError
 
 USER_MISTAKE = 2
@@ -51,10 +51,31 @@ def run_generate(config: GenerateConfig) -> None:
     print(f"done: {output / 'grid.png'}")
 
 
+def run_evaluate(config: EvaluateConfig) -> None:
+    from dreambooth.metrics import evaluate
+
+    print(f"done: {evaluate(config)}")
+
+
+def run_sweep(config: SweepConfig) -> None:
+    from dreambooth.sweep import run_sweep as sweep
+
+    print(f"done: {sweep(config)}")
+
+
+def run_report(config: ReportConfig) -> None:
+    from dreambooth.report import report
+
+    report(config)
+
+
 COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
     "class-images": (ClassImagesConfig, run_class_images, "Top up a folder of class images with the base model."),
     "train": (TrainConfig, run_train, "DreamBooth-train a model on a few instance images."),
     "generate": (GenerateConfig, run_generate, "Render prompts over a grid of sampling settings and seeds."),
+    "sweep": (SweepConfig, run_sweep, "Train, sample, measure and report a grid of settings."),
+    "evaluate": (EvaluateConfig, run_evaluate, "Measure a generation: DINO, CLIP-I, CLIP-T, PRES, DIV."),
+    "report": (ReportConfig, run_report, "Write report.html and report.md for a sweep folder."),
 }
 
 

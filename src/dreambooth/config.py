@@ -135,7 +135,7 @@ class GenerateConfig:
     steps: list[int] = option([30], "Sampling steps; several values make grid rows.")
     guidance: list[float] = option([7.5], "Guidance scales; several values make grid rows.")
     seeds: list[int] = option([0], "Seeds; each makes one image per prompt and setting.")
-    scheduler: str = option("ddim", "Sampler.", choices=SCHEDULER_NAMES)
+    scheduler: list[str] = option(["ddim"], "Sampler; several values make grid rows.", choices=SCHEDULER_NAMES)
     height: int | None = option(None, "Image height (default: the model's native size).", positive=True)
     width: int | None = option(None, "Image width (default: the model's native size).", positive=True)
     batch_size: int = option(1, "Images rendered at once.", positive=True)
@@ -202,9 +202,11 @@ def validate_fields(config: Any) -> None:
         rules = spec.metadata
         if value is None:
             continue
-        if rules.get("choices") and value not in rules["choices"]:
-            raise UserError(f"{flag_name(spec.name)} {value}: choose one of {', '.join(rules['choices'])}")
-        numbers = value if isinstance(value, list) else [value]
+        values = value if isinstance(value, list) else [value]
+        for item in values:
+            if rules.get("choices") and item not in rules["choices"]:
+                raise UserError(f"{flag_name(spec.name)} {item}: choose one of {', '.join(rules['choices'])}")
+        numbers = values
         for number in numbers:
             if isinstance(number, bool) or not isinstance(number, (int, float)):
                 continue

@@ -241,8 +241,9 @@ def prepare_output(folder: Path, overwrite: bool) -> None:
     print(f"generate: moved the earlier generation in {folder} to {moved}")
 
 
-def image_name(setting: SamplingSetting, prompt_index: int, seed: int) -> str:
-    return f"s{setting.steps}-g{setting.guidance:g}-p{prompt_index}-seed{seed}.png"
+def image_name(setting: SamplingSetting, prompt_index: int, seed: int, with_scheduler: bool = False) -> str:
+    prefix = f"{setting.scheduler}-" if with_scheduler else ""
+    return f"{prefix}s{setting.steps}-g{setting.guidance:g}-p{prompt_index}-seed{seed}.png"
 
 
 def generate(config: GenerateConfig) -> Path:
@@ -252,10 +253,12 @@ def generate(config: GenerateConfig) -> Path:
         raise UserError(f"{'--prompt' if not prompts else '--guidance'}: give at least one value")
     # Repeated values would name the same file twice.
     seeds = list(dict.fromkeys(config.seeds))
-    settings = [SamplingSetting(steps, guidance, config.scheduler)
-                for steps, guidance in product(dict.fromkeys(config.steps), dict.fromkeys(config.guidance))]
+    schedulers = list(dict.fromkeys(config.scheduler))
+    settings = [SamplingSetting(steps, guidance, scheduler) for scheduler, steps, guidance
+                in product(schedulers, dict.fromkeys(config.steps), dict.fromkeys(config.guidance))]
     columns = list(product(range(len(prompts)), seeds))
-    check_scheduler_name(config.scheduler)  # fail before minutes of model loading
+    for scheduler in schedulers:
+        check_scheduler_name(scheduler)  # fail before minutes of model loading
 
     output = Path(config.output)
     prepare_output(output, config.overwrite)
@@ -274,7 +277,7 @@ def generate(config: GenerateConfig) -> Path:
                                 batch_size=config.batch_size)
                 for (p, seed), image in zip(batch, images):
                     record = {
-                        "file": f"{IMAGES}/{image_name(setting, p, seed)}", "prompt": prompts[p],
+                        "file": f"{IMAGES}/{image_name(setting, p, seed, len(schedulers) > 1)}", "prompt": prompts[p],
                         "negative_prompt": config.negative_prompt, "seed": seed, "steps": setting.steps,
                         "guidance": setting.guidance, "scheduler": setting.scheduler, "model": config.model,
                         "height": image.height, "width": image.width,

@@ -1,0 +1,296 @@
+"""Sweeps: expand a grid into trials, share training runs and class images, resume; no training logic here.
+
+Trials that differ only in `max_train_steps` are one training run that saves a pipeline at each requested
+step; class images are generated once per (model, class prompt) before any run. Every stage leaves a
+marker only when complete (the run's pipeline, the samples' grid.png, the trial's metric rows), so the
+same command after a kill skips what is finished and continues.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dreambooth.config import (ClassImagesConfig, GenerateConfig, SweepConfig, TrainConfig, build_config,
+                               load_config_file)
+from dreambooth.errors import UserError
+from dreambooth.files import atomic_write_text, read_jsonl
+
+SWEEP_KEYS = {"grid", "sampling", "prompts", "seeds", "identifier", "class", "evaluation"}
+SAMPLING_KEYS = {"steps", "guidance", "scheduler", "negative_prompt", "height", "width", "batch_size"}
+EVALUATION_KEYS = {"clip_model", "dino_model", "enabled"}
+SHORT_NAMES = {"learning_rate": "lr", "max_train_steps": "steps", "train_text_encoder": "te",
+               "prior_loss_weight": "prior", "text_encoder_learning_rate": "telr", "lr_scheduler": "sched"}
+
+
+@dataclass
+class Trial:
+    """One point of the grid: a run (shared by trials that differ only in steps) and the step to take."""
+
+    name: str
+    run: str
+    step: int
+    settings: dict[str, Any]  # the grid values of this trial
+    status: str = "pending"
+    error: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        record = {"trial": self.name, "run": f"runs/{self.run}", "step": self.step, "settings": self.settings,
+                  "status": self.status}
+        return record | ({"error": self.error} if self.error else {})
+
+
+@dataclass
+class Sweep:
+    """A parsed sweep file."""
+
+    base: dict[str, Any]
+    grid: dict[str, list[Any]]
+    sampling: dict[str, Any]
+    prompts: list[str]
+    seeds: list[int]
+    identifier: str
+    class_name: str
+    evaluation: dict[str, Any] = field(default_factory=dict)
+
+    def render_prompt(self, prompt: str) -> str:
+        return prompt.replace("{id}", self.identifier).replace("{class}", self.class_name)
+
+    @property
+    def class_prompt(self) -> str:
+        """The plain class prompt whose images measure PRES (the training class prompt when there is one)."""
+        return self.base.get("class_prompt") or f"a photo of a {self.class_name}"
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and check a sweep file; every training key must be a `train` setting."""
+    values = load_config_file(path)
+    base = {key: value for key, value in values.items() if key not in SWEEP_KEYS}
+    grid = values.get("grid") or {}
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise UserError(f"{path}: `grid:` must map training keys to non-empty lists, e.g. learning_rate: [1e-6, 3e-6]")
+    sampling = values.get("sampling") or {}
+    evaluation = values.get("evaluation") or {}
+    for section, allowed, name in ((sampling, SAMPLING_KEYS, "sampling"), (evaluation, EVALUATION_KEYS, "evaluation")):
+        unknown = set(section) - allowed
+        if unknown:
+            raise UserError(f"{path}: unknown key '{sorted(unknown)[0]}' under `{name}:` (known: {', '.join(sorted(allowed))})")
+    for key in ("identifier", "class", "prompts"):
+        if not values.get(key):
+            raise UserError(f"{path}: `{key}:` is missing")
+    sweep = Sweep(base=base, grid=grid, sampling=sampling, prompts=list(values["prompts"]),
+                  seeds=list(values.get("seeds") or [0]), identifier=str(values["identifier"]),
+                  class_name=str(values["class"]), evaluation=evaluation)
+    for trial in expand_trials(sweep):  # every combination must be a valid training config
+        train_config(sweep, trial, Path("."), source=str(path))
+    return sweep
+
+
+def expand_trials(sweep: Sweep) -> list[Trial]:
+    """The grid's cross product; the run name leaves out max_train_steps so step variants share it."""
+    keys = list(sweep.grid)
+    trials = []
+    for values in itertools.product(*(sweep.grid[key] for key in keys)):
+        settings = dict(zip(keys, values))
+        step = int(settings.get("max_train_steps", sweep.base.get("max_train_steps", TrainConfig.max_train_steps)))
+        run_part = {k: v for k, v in settings.items() if k != "max_train_steps"}
+        run = "-".join(f"{SHORT_NAMES.get(k, k)}{format_value(v)}" for k, v in run_part.items()) or "run"
+        trials.append(Trial(name=f"{run}-steps{step}", run=run, step=step, settings=settings))
+    return trials
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value).replace("/", "_").replace(" ", "_")
+
+
+def train_config(sweep: Sweep, trial: Trial, directory: Path, source: str = "sweep file",
+                 steps: list[int] | None = None) -> TrainConfig:
+    """The training settings of the run behind `trial` (trained to the largest of `steps`)."""
+    values = {**sweep.base, **trial.settings}
+    steps = steps or [trial.step]
+    values.update(max_train_steps=max(steps), save_pipeline_at=sorted(set(steps) - {max(steps)}),
+                  output=str(directory / "runs" / trial.run), resume=True)
+    values.setdefault("checkpoint_every", math.gcd(*steps))
+    values.setdefault("keep_checkpoints", 1)
+    if float(values.get("prior_loss_weight", 1.0)) == 0.0:
+        # A zero prior weight is training without prior preservation: skip the class images entirely.
+        values.pop("class_prompt", None)
+        values.pop("class_dir", None)
+    elif values.get("class_prompt") and not values.get("class_dir"):
+        values["class_dir"] = str(directory / "class_images" / slug(f"{values.get('model')}-{values['class_prompt']}"))
+    return build_config(TrainConfig, values, {}, source=source)
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-")[:80]
+
+
+def run_sweep(config: SweepConfig) -> Path:
+    """Train, sample, evaluate and report every trial of the sweep; return the report's path."""
+    from dreambooth.class_images import top_up_class_images
+    from dreambooth.report import write_report
+
+    sweep = load_sweep(config.sweep)
+    directory = Path(config.output)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(directory / "sweep.yaml", Path(config.sweep).read_text(encoding="utf-8"))
+    trials = expand_trials(sweep)
+    runs = group_runs(trials)
+    mark([], "", None, trials, directory)
+    print(f"sweep: {len(trials)} trials from {len(runs)} training runs -> {directory}")
+
+    # 1. Class images, once per (model, class prompt, folder) for every run that uses them.
+    for class_config in unique_class_image_configs(sweep, trials, directory):
+        top_up_class_images(class_config)
+
+    # 2. Each run: train once, then sample and evaluate each of its trials.
+    clock = Progress(total_steps=sum(max(t.step for t in run_trials) for run_trials in runs.values()))
+    models = None
+    for index, (run, run_trials) in enumerate(runs.items(), start=1):
+        steps = [trial.step for trial in run_trials]
+        print(f"sweep: run {index}/{len(runs)} '{run}' (steps {', '.join(map(str, steps))}); {clock.estimate()}")
+        try:
+            run_paths = train_run(sweep, run_trials[0], directory, steps)
+        except UserError:
+            raise
+        except Exception as error:  # a crash in one run must not lose the others; the trials record why
+            mark(run_trials, "failed", f"training: {type(error).__name__}: {error}", trials, directory)
+            continue
+        clock.done(max(steps), run_paths)
+        mark(run_trials, "trained", None, trials, directory)
+        for trial in run_trials:
+            pipeline = run_paths.pipeline if trial.step == max(steps) else run_paths.pipeline_at(trial.step)
+            print(f"sweep: sampling trial '{trial.name}'")
+            sample_trial(sweep, trial, pipeline, directory)
+            if sweep.evaluation.get("enabled", True) and not is_evaluated(trial, directory):
+                models = models or load_evaluation_models(sweep)
+                evaluate_trial(sweep, trial, directory, models)
+            mark([trial], "done", None, trials, directory)
+
+    # 3. The report.
+    html, _ = write_report(directory)
+    print(f"sweep: report {html}")
+    return html
+
+
+def group_runs(trials: list[Trial]) -> dict[str, list[Trial]]:
+    runs: dict[str, list[Trial]] = {}
+    for trial in trials:
+        runs.setdefault(trial.run, []).append(trial)
+    return runs
+
+
+def unique_class_image_configs(sweep: Sweep, trials: list[Trial], directory: Path) -> list[ClassImagesConfig]:
+    """One class-image job per distinct folder, asking for the most images any run needs."""
+    jobs: dict[str, ClassImagesConfig] = {}
+    for run_trials in group_runs(trials).values():
+        config = train_config(sweep, run_trials[0], directory)
+        if not config.with_prior_preservation:
+            continue
+        from dreambooth.train import class_images_config
+
+        job = class_images_config(config)
+        if job.output not in jobs or jobs[job.output].num_images < job.num_images:
+            jobs[job.output] = job
+    return list(jobs.values())
+
+
+def train_run(sweep: Sweep, trial: Trial, directory: Path, steps: list[int]):
+    """Train (or finish training) the run behind `trial`; a finished run is not touched."""
+    from dreambooth.checkpoints import RunPaths
+    from dreambooth.train import train
+
+    config = train_config(sweep, trial, directory, steps=steps)
+    paths = RunPaths(Path(config.output))
+    wanted = [paths.pipeline] + [paths.pipeline_at(step) for step in config.save_pipeline_at]
+    if paths.config.is_file() and all((p / "model_index.json").is_file() for p in wanted):
+        finished = read_jsonl(paths.metrics)
+        if finished and finished[-1]["step"] == config.max_train_steps:
+            print(f"sweep: run '{trial.run}' already trained")
+            return paths
+    return train(config)
+
+
+def sample_trial(sweep: Sweep, trial: Trial, pipeline: Path, directory: Path) -> Path:
+    """`generate` the trial's prompts (and the plain class prompt, for PRES) with every sampling setting."""
+    from dreambooth.sampling import GRID, generate
+
+    output = directory / "samples" / trial.name
+    if (output / GRID).is_file():
+        return output
+    if output.exists():
+        shutil.rmtree(output)  # a half-written sample folder of our own, from a killed sweep
+    prompts = [sweep.render_prompt(p) for p in sweep.prompts]
+    if sweep.evaluation.get("enabled", True) and sweep.class_prompt not in prompts:
+        prompts.append(sweep.class_prompt)
+    sampling = sweep.sampling
+    config = build_config(GenerateConfig, {
+        "model": str(pipeline), "prompt": prompts, "output": str(output), "seeds": sweep.seeds,
+        "steps": sampling.get("steps", [30]), "guidance": sampling.get("guidance", [7.5]),
+        "scheduler": sampling.get("scheduler", ["ddim"]), "negative_prompt": sampling.get("negative_prompt", ""),
+        "height": sampling.get("height"), "width": sampling.get("width"), "batch_size": sampling.get("batch_size", 1),
+    }, {}, source="sweep file")
+    return generate(config)
+
+
+def load_evaluation_models(sweep: Sweep):
+    from dreambooth.config import EvaluateConfig
+    from dreambooth.metrics import load_embedding_models
+
+    defaults = EvaluateConfig(samples=".", reference_dir=".")
+    return load_embedding_models(sweep.evaluation.get("clip_model", defaults.clip_model),
+                                 sweep.evaluation.get("dino_model", defaults.dino_model))
+
+
+def evaluate_trial(sweep: Sweep, trial: Trial, directory: Path, models) -> None:
+    """Append the trial's metric rows to DIR/metrics.jsonl (rewritten whole, so a kill never leaves half a trial)."""
+    from dreambooth.metrics import evaluate_samples
+
+    path = directory / "metrics.jsonl"
+    rows = [row for row in read_jsonl(path) if row.get("trial") != trial.name]
+    new_rows = evaluate_samples(directory / "samples" / trial.name, Path(sweep.base["instance_dir"]), models,
+                                class_prompt=sweep.class_prompt)
+    rows += [{"trial": trial.name, **row} for row in new_rows]
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def is_evaluated(trial: Trial, directory: Path) -> bool:
+    return any(row.get("trial") == trial.name for row in read_jsonl(directory / "metrics.jsonl"))
+
+
+def mark(changed: list[Trial], status: str, error: str | None, trials: list[Trial], directory: Path) -> None:
+    """Set the status of some trials and rewrite DIR/trials.jsonl."""
+    for trial in changed:
+        trial.status, trial.error = status, error
+    atomic_write_text(directory / "trials.jsonl", "".join(json.dumps(t.record()) + "\n" for t in trials))
+
+
+@dataclass
+class Progress:
+    """Time left, estimated from the seconds per training step measured so far."""
+
+    total_steps: int
+    steps_done: int = 0
+    seconds: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+    def done(self, steps: int, paths) -> None:
+        records = read_jsonl(paths.metrics)
+        self.steps_done += steps
+        self.seconds += records[-1]["seconds"] if records else 0.0
+
+    def estimate(self) -> str:
+        if not self.steps_done or not self.seconds:
+            return f"{self.total_steps} training steps to go"
+        left = (self.total_steps - self.steps_done) * self.seconds / self.steps_done
+        return f"{self.total_steps - self.steps_done} training steps to go, about {left / 60:.0f} min of training left"

@@ -1,0 +1,89 @@
+"""Sweeps: work sharing between trials, resuming after a kill, the files a sweep leaves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import dreambooth.sweep as sweeping
+from dreambooth.config import SweepConfig
+from dreambooth.errors import UserError
+from dreambooth.sweep import expand_trials, load_sweep, run_sweep
+
+from conftest import TINY_RESOLUTION
+
+
+def write_sweep(tmp_path: Path, model: Path, instance_dir: Path, **extra) -> Path:
+    sweep = {
+        "model": str(model), "instance_dir": str(instance_dir), "instance_prompt": "a photo of miru cat",
+        "resolution": TINY_RESOLUTION, "identifier": "miru", "class": "cat",
+        "grid": {"learning_rate": [1e-4, 1e-3], "max_train_steps": [1, 2]},
+        "sampling": {"steps": [2], "guidance": [3.0, 6.0], "scheduler": ["ddim"]},
+        "prompts": ["a photo of {id} {class} by the sea"], "seeds": [0, 1],
+        "evaluation": {"enabled": False},
+    }
+    sweep.update(extra)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def test_grid_expands_to_trials_sharing_runs(tiny_model, instance_dir, tmp_path):
+    trials = expand_trials(load_sweep(write_sweep(tmp_path, tiny_model, instance_dir)))
+    assert [t.name for t in trials] == ["lr0.0001-steps1", "lr0.0001-steps2", "lr0.001-steps1", "lr0.001-steps2"]
+    assert len({t.run for t in trials}) == 2
+
+
+def test_bad_sweep_files_name_the_key(tiny_model, instance_dir, tmp_path):
+    with pytest.raises(UserError, match="unknown key 'learning_rat'"):
+        load_sweep(write_sweep(tmp_path, tiny_model, instance_dir, grid={"learning_rat": [1e-4]}))
+    with pytest.raises(UserError, match="under `sampling:`"):
+        load_sweep(write_sweep(tmp_path, tiny_model, instance_dir, sampling={"stepz": [2]}))
+    with pytest.raises(UserError, match="--learning-rate"):
+        load_sweep(write_sweep(tmp_path, tiny_model, instance_dir, grid={"learning_rate": [0.0]}))
+
+
+def test_two_rates_by_two_step_counts_train_exactly_two_runs_and_resume(tiny_model, instance_dir, tmp_path, monkeypatch):
+    sweep_file = write_sweep(tmp_path, tiny_model, instance_dir)
+    output = tmp_path / "sweep"
+    # First attempt: killed while sampling the third trial.
+    real_sample = sweeping.sample_trial
+    sampled: list[str] = []
+
+    def sample_then_die(sweep, trial, pipeline, directory):
+        if len(sampled) == 2:
+            raise KeyboardInterrupt
+        sampled.append(trial.name)
+        return real_sample(sweep, trial, pipeline, directory)
+
+    monkeypatch.setattr(sweeping, "sample_trial", sample_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(SweepConfig(sweep=str(sweep_file), output=str(output)))
+    statuses = [json.loads(line)["status"] for line in (output / "trials.jsonl").read_text().splitlines()]
+    assert statuses == ["done", "done", "trained", "trained"]
+
+    # Second attempt, same command: finished work is skipped (both runs were trained before the kill).
+    monkeypatch.setattr(sweeping, "sample_trial", real_sample)
+    import dreambooth.train as training
+
+    trainings: list[str] = []
+    real_train = training.train
+    monkeypatch.setattr(training, "train", lambda config: trainings.append(config.output) or real_train(config))
+    run_metrics = (output / "runs" / "lr0.0001" / "metrics.jsonl").read_text()
+    first_grid = (output / "samples" / "lr0.0001-steps1" / "grid.png").stat().st_mtime_ns
+    run_sweep(SweepConfig(sweep=str(sweep_file), output=str(output)))
+
+    assert trainings == []
+    assert sorted(p.name for p in (output / "runs").iterdir()) == ["lr0.0001", "lr0.001"]
+    assert (output / "runs" / "lr0.0001" / "metrics.jsonl").read_text() == run_metrics  # not trained again
+    assert (output / "samples" / "lr0.0001-steps1" / "grid.png").stat().st_mtime_ns == first_grid
+    records = [json.loads(line) for line in (output / "trials.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["done"] * 4
+    assert {r["run"] for r in records} == {"runs/lr0.0001", "runs/lr0.001"}
+    assert (output / "runs" / "lr0.001" / "pipelines" / "step-000001" / "model_index.json").is_file()
+    manifest = (output / "samples" / "lr0.001-steps2" / "manifest.jsonl").read_text().splitlines()
+    assert len(manifest) == 2 * 2 * 1  # 2 guidance values x 2 seeds x 1 prompt (no class prompt: evaluation off)
+    assert (output / "report.html").is_file() and (output / "report.md").is_file()
