@@ -87,3 +87,15 @@ def test_two_rates_by_two_step_counts_train_exactly_two_runs_and_resume(tiny_mod
     manifest = (output / "samples" / "lr0.001-steps2" / "manifest.jsonl").read_text().splitlines()
     assert len(manifest) == 2 * 2 * 1  # 2 guidance values x 2 seeds x 1 prompt (no class prompt: evaluation off)
     assert (output / "report.html").is_file() and (output / "report.md").is_file()
+
+
+def test_shipped_seed_grid_is_a_valid_sweep(monkeypatch, tmp_path):
+    """examples/seed-grid.yaml parses into the seed's four trials from two runs (the model is not loaded)."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    sweep = load_sweep(root / "examples" / "seed-grid.yaml")
+    trials = expand_trials(sweep)
+    assert [t.name for t in trials] == ["lr1e-06-steps600", "lr1e-06-steps900", "lr3e-06-steps600", "lr3e-06-steps900"]
+    assert len({t.run for t in trials}) == 2
+    assert sweep.sampling["steps"] == [30, 50] and sweep.sampling["guidance"] == [6, 12]
+    assert sweep.render_prompt(sweep.prompts[0]) == "a photo of miru cat by the sea"
