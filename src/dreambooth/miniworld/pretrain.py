@@ -2,9 +2,11 @@
 
     python -m dreambooth.miniworld.pretrain --output /work/miniworld-pretrain [--resume]
 
-Stages, each resumable from OUTPUT/checkpoints/<stage>.pt: (1) the VAE, (2) the world-CLIP,
-(3) the UNet jointly with the generator's own text encoder, then (4) export of fp16 diffusers /
-transformers folders to OUTPUT/pipeline and OUTPUT/world-clip. Images are rendered on the fly; the
+Stages, each resumable from OUTPUT/checkpoints/<stage>.pt: (1) the VAE, (1b) its decoder alone,
+(2) the world-CLIP, (3) the UNet jointly with the generator's own text encoder, then (4) export of
+fp16 diffusers / transformers folders to OUTPUT/pipeline and OUTPUT/world-clip. On 2 cores, run
+`--stages vae` first, then `--stages decoder`, `--stages clip` and `--stages unet` as one-thread
+processes side by side (`--threads 1`; two-thread processes stall each other), then `--stages export`. Images are rendered on the fly; the
 data of step k comes from a RNG seeded by (seed, stage, k), so a resumed run sees the same data.
 The generator's data never contains markings; the world-CLIP's does.
 """
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
+from transformers import CLIPTokenizer
 
 from . import components, world
 
@@ -41,6 +44,10 @@ class PretrainConfig:
     # The VAE is a general image codec (SD's reconstructs any photo), so it also sees marked animals:
     # without them it cannot reconstruct orange ears at all. The UNet and text encoder never see markings.
     vae_marking_rate: float = 0.25
+    decoder_steps: int = 1500
+    decoder_batch: int = 16
+    decoder_lr: float = 5e-4
+    decoder_marking_rate: float = 0.6  # markings are small and rare: weight them up so they stay sharp
     clip_steps: int = 1200
     clip_batch: int = 128
     clip_lr: float = 1e-3
@@ -132,6 +139,36 @@ def train_vae(out: Path, cfg: PretrainConfig, vae) -> None:
 
     vae.train()
     run_stage(out, "vae", cfg.vae_steps, step, cfg.checkpoint_every, {"vae": vae, "opt": opt, "sched": sched})
+    vae.eval().requires_grad_(False)
+
+
+def train_decoder(out: Path, cfg: PretrainConfig, vae) -> None:
+    """Fine-tune only the decoder on whole images, encoder frozen: the latent space (and so the UNet)
+    is unchanged, while small details such as miru's markings come back sharper."""
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(opt, 50, cfg.decoder_steps)
+
+    def step(k: int) -> float:
+        rng, gen = step_rng(cfg, "decoder", k)
+        x0 = images_tensor(world.sample_batch(rng, cfg.decoder_batch, marking_rate=cfg.decoder_marking_rate)[0])
+        with torch.no_grad():
+            latents = vae.encode(x0).latent_dist.sample(generator=gen)
+        recon = vae.decode(latents).sample
+        loss = F.l1_loss(recon, x0) + F.mse_loss(recon, x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        return loss.item()
+
+    vae.decoder.train()
+    state = {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv, "opt": opt, "sched": sched}
+    with torch.enable_grad():
+        for p in params:
+            p.requires_grad_(True)
+        run_stage(out, "decoder", cfg.decoder_steps, step, cfg.checkpoint_every, state)
     vae.eval().requires_grad_(False)
 
 
@@ -271,7 +308,7 @@ def compute_in_float32(config_file: Path) -> None:
     config_file.write_text(json.dumps(fix(config), indent=2, sort_keys=True) + "\n")
 
 
-STAGES = ("vae", "clip", "unet", "export")
+STAGES = ("vae", "decoder", "clip", "unet", "export")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -281,8 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     for field, value in asdict(PretrainConfig()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--stages", default="all",
-                        help="comma-separated subset of vae,clip,unet,export: clip and unet can run as two "
-                             "one-thread processes side by side once the VAE is done; export loads all three")
+                        help="comma-separated subset of vae,decoder,clip,unet,export: decoder, clip and unet can run "
+                             "as one-thread processes side by side once the VAE is done; export loads them all")
     args = parser.parse_args(argv)
     cfg = PretrainConfig(**{k: getattr(args, k) for k in asdict(PretrainConfig())})
     out: Path = args.output
@@ -296,7 +333,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     log(out, f"config {asdict(cfg)}")
-    tokenizer = components.build_tokenizer(out / "tokenizer")
+    # Side-by-side stage processes must not rewrite the tokenizer under each other's feet.
+    tok_dir = out / "tokenizer"
+    tokenizer = (CLIPTokenizer.from_pretrained(tok_dir) if (tok_dir / "tokenizer_config.json").exists()
+                 else components.build_tokenizer(tok_dir))
     models = components.build_models(tokenizer)
     for name, m in models.items():
         log(out, f"{name}: {components.n_params(m) / 1e6:.2f}M parameters")
@@ -308,6 +348,9 @@ def main(argv: list[str] | None = None) -> None:
     # 1. VAE, then its measured scaling factor.
     train_vae(out, cfg, models["vae"])
     set_scaling_factor(out, cfg, models["vae"])
+    # 1b. The decoder alone, sharper (the latent space stays as the encoder made it).
+    if "decoder" in wanted:
+        train_decoder(out, cfg, models["vae"])
     # 2. World-CLIP (it sees markings; nothing it learns flows into the generator).
     if "clip" in wanted:
         train_world_clip(out, cfg, models["world_clip"], tokenizer, models["vae"])
