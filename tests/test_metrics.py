@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_images, write_tiny_tokenizer
+from conftest import write_images
 from dreambooth.config import EvaluateConfig
 from dreambooth.errors import UserError
 from dreambooth.metrics import (
@@ -26,46 +26,8 @@ from dreambooth.metrics import (
     text_embeddings,
 )
 
-SIDE = 32  # the tiny models' image size: test images of this size pass through resizing unchanged
+from conftest import TINY_EMBEDDING_SIDE as SIDE  # test images of this size pass resizing unchanged
 CLASS_PROMPT = "a photo of a cat"
-
-
-@pytest.fixture(scope="session")
-def clip_folder(tmp_path_factory) -> Path:
-    """A tiny random CLIPModel with its tokenizer and image processor, saved like a hub folder."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    write_tiny_tokenizer(folder / "_tok")
-    tokenizer = CLIPTokenizer(str(folder / "_tok" / "vocab.json"), str(folder / "_tok" / "merges.txt"), model_max_length=77)
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, **ids),
-        vision_config=dict(image_size=SIDE, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                           num_attention_heads=4),
-        projection_dim=16,
-    )
-    CLIPModel(config).save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": SIDE}, crop_size={"height": SIDE, "width": SIDE}).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def dino_folder(tmp_path_factory) -> Path:
-    """A tiny random ViT without pooler (the shape of facebook/dino-vits16) and its image processor."""
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    folder = tmp_path_factory.mktemp("tiny-dino")
-    torch.manual_seed(1)
-    config = ViTConfig(image_size=SIDE, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                       num_attention_heads=4)
-    ViTModel(config, add_pooling_layer=False).save_pretrained(folder, safe_serialization=True)
-    ViTImageProcessor(size={"height": SIDE, "width": SIDE}, image_mean=[0.485, 0.456, 0.406],
-                      image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")

@@ -99,3 +99,29 @@ def test_shipped_seed_grid_is_a_valid_sweep(monkeypatch, tmp_path):
     assert len({t.run for t in trials}) == 2
     assert sweep.sampling["steps"] == [30, 50] and sweep.sampling["guidance"] == [6, 12]
     assert sweep.render_prompt(sweep.prompts[0]) == "a photo of miru cat by the sea"
+
+
+def test_measured_sweep_shares_class_images_and_writes_metrics(tiny_model, instance_dir, clip_folder, dino_folder,
+                                                               tmp_path):
+    sweep_file = write_sweep(
+        tmp_path, tiny_model, instance_dir, class_prompt="a photo of a cat", num_class_images=2, class_image_steps=2,
+        grid={"prior_loss_weight": [0.0, 1.0], "learning_rate": [1e-3], "max_train_steps": [1]}, sampling={"steps": [2], "guidance": [3.0]},
+        evaluation={"clip_model": str(clip_folder), "dino_model": str(dino_folder)},
+    )
+    output = tmp_path / "sweep"
+    run_sweep(SweepConfig(sweep=str(sweep_file), output=str(output)))
+
+    (class_folder,) = (output / "class_images").iterdir()  # generated once, for the one run that uses it
+    assert len(list(class_folder.glob("*.png"))) == 2
+    without = yaml.safe_load((output / "runs" / "lr0.001-prior0" / "config.yaml").read_text())
+    with_prior = yaml.safe_load((output / "runs" / "lr0.001-prior1" / "config.yaml").read_text())
+    assert without["class_prompt"] is None and with_prior["class_dir"] == str(class_folder)
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(row["trial"] for row in rows) == ["lr0.001-prior0-steps1", "lr0.001-prior1-steps1"]
+    for row in rows:
+        assert row["prompt"] == "a photo of miru cat by the sea" and row["n"] == 2
+        assert -1 <= row["dino"] <= 1 and -1 <= row["clip_t"] <= 1 and row["pres"] is not None
+    samples = [json.loads(line)["prompt"] for line in
+               (output / "samples" / "lr0.001-prior1-steps1" / "manifest.jsonl").read_text().splitlines()]
+    assert samples.count("a photo of a cat") == 2  # the class prompt was rendered for PRES
+    assert "lr0.001-prior1-steps1" in (output / "report.md").read_text()
