@@ -111,11 +111,11 @@ def test_bpe_merges_are_reproducible():
 def test_pretrain_runs_resumes_and_exports(tmp_path, capsys):
     from dreambooth.miniworld import pretrain
 
-    tiny = ["--output", str(tmp_path), "--threads", "1", "--vae-steps", "1", "--clip-steps", "1", "--unet-steps", "1",
-            "--vae-batch", "2", "--clip-batch", "4", "--unet-batch", "2", "--checkpoint-every", "1"]
+    tiny = ["--output", str(tmp_path), "--threads", "1", "--vae-steps", "1", "--decoder-steps", "1", "--clip-steps", "1", "--unet-steps", "1",
+            "--vae-batch", "2", "--decoder-batch", "2", "--clip-batch", "4", "--unet-batch", "2", "--checkpoint-every", "1"]
     pretrain.main(tiny)
     assert (tmp_path / "pipeline" / "model_index.json").exists() and (tmp_path / "world-clip" / "config.json").exists()
-    pretrain.main(tiny + ["--resume", "--stages", "vae,clip,unet"])
+    pretrain.main(tiny + ["--resume", "--stages", "vae,decoder,clip,unet"])
     assert "[unet] done at step 1" in (tmp_path / "pretrain.log").read_text()
     with pytest.raises(SystemExit):
         pretrain.main(tiny)  # a non-empty run folder needs --resume
