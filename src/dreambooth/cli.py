@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dreambooth import __version__
-from dreambooth.config import (ClassImagesConfig, EvaluateConfig, GenerateConfig, ReportConfig, SweepConfig,
+from dreambooth.config import (ClassImagesConfig, DemoConfig, EvaluateConfig, GenerateConfig, ReportConfig, SweepConfig,
                                TrainConfig, build_config, cli_fields, flag_name, load_config_file)
 from dreambooth.errors import UserError
 
@@ -69,6 +69,12 @@ def run_report(config: ReportConfig) -> None:
     report(config)
 
 
+def run_demo(config: DemoConfig) -> None:
+    from dreambooth.miniworld.demo import run_demo as demo
+
+    print(f"done: {demo(config)}")
+
+
 COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
     "class-images": (ClassImagesConfig, run_class_images, "Top up a folder of class images with the base model."),
     "train": (TrainConfig, run_train, "DreamBooth-train a model on a few instance images."),
@@ -76,6 +82,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
     "sweep": (SweepConfig, run_sweep, "Train, sample, measure and report a grid of settings."),
     "evaluate": (EvaluateConfig, run_evaluate, "Measure a generation: DINO, CLIP-I, CLIP-T, PRES, DIV."),
     "report": (ReportConfig, run_report, "Write report.html and report.md for a sweep folder."),
+    "demo": (DemoConfig, run_demo, "Run the whole story in the miniature world (CPU, minutes, no download)."),
 }
 
 

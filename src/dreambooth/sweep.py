@@ -146,7 +146,10 @@ def run_sweep(config: SweepConfig) -> Path:
     atomic_write_text(directory / "sweep.yaml", Path(config.sweep).read_text(encoding="utf-8"))
     trials = expand_trials(sweep)
     runs = group_runs(trials)
-    mark([], "", None, trials, directory)
+    earlier = {record["trial"]: record for record in read_jsonl(directory / "trials.jsonl")}
+    for trial in trials:  # a resumed sweep shows what was finished before, until it passes that trial again
+        trial.status = earlier.get(trial.name, {}).get("status", "pending")
+    write_trials(trials, directory)
     print(f"sweep: {len(trials)} trials from {len(runs)} training runs -> {directory}")
 
     # 1. Class images, once per (model, class prompt, folder) for every run that uses them.
@@ -162,7 +165,7 @@ def run_sweep(config: SweepConfig) -> Path:
         try:
             run_paths = train_run(sweep, run_trials[0], directory, steps)
         except UserError:
-            raise
+            raise  # a mistake in the sweep file stops the sweep: every run would repeat it
         except Exception as error:  # a crash in one run must not lose the others; the trials record why
             mark(run_trials, "failed", f"training: {type(error).__name__}: {error}", trials, directory)
             continue
@@ -192,13 +195,13 @@ def group_runs(trials: list[Trial]) -> dict[str, list[Trial]]:
 
 def unique_class_image_configs(sweep: Sweep, trials: list[Trial], directory: Path) -> list[ClassImagesConfig]:
     """One class-image job per distinct folder, asking for the most images any run needs."""
+    from dreambooth.train import class_images_config
+
     jobs: dict[str, ClassImagesConfig] = {}
     for run_trials in group_runs(trials).values():
         config = train_config(sweep, run_trials[0], directory)
         if not config.with_prior_preservation:
             continue
-        from dreambooth.train import class_images_config
-
         job = class_images_config(config)
         if job.output not in jobs or jobs[job.output].num_images < job.num_images:
             jobs[job.output] = job
@@ -272,6 +275,10 @@ def mark(changed: list[Trial], status: str, error: str | None, trials: list[Tria
     """Set the status of some trials and rewrite DIR/trials.jsonl."""
     for trial in changed:
         trial.status, trial.error = status, error
+    write_trials(trials, directory)
+
+
+def write_trials(trials: list[Trial], directory: Path) -> None:
     atomic_write_text(directory / "trials.jsonl", "".join(json.dumps(t.record()) + "\n" for t in trials))
 
 
