@@ -52,6 +52,7 @@ class PretrainConfig:
     clip_batch: int = 128
     clip_lr: float = 1e-3
     clip_marking_rate: float = 0.5
+    clip_hard_negatives: bool = True  # batches of look-alikes that differ only in kind or markings
     clip_vae_roundtrip: float = 0.5  # share of world-CLIP images passed through the VAE, so it can judge generations
     unet_steps: int = 2800
     unet_batch: int = 64
@@ -199,7 +200,11 @@ def train_world_clip(out: Path, cfg: PretrainConfig, clip, tokenizer, vae) -> No
 
     def step(k: int) -> float:
         rng, gen = step_rng(cfg, "clip", k)
-        images, specs = world.sample_batch(rng, cfg.clip_batch, marking_rate=cfg.clip_marking_rate)
+        if cfg.clip_hard_negatives:
+            specs = world.look_alike_specs(rng, cfg.clip_batch, marking_rate=cfg.clip_marking_rate)
+            images = world.render_batch(specs)
+        else:
+            images, specs = world.sample_batch(rng, cfg.clip_batch, marking_rate=cfg.clip_marking_rate)
         pixels = images_tensor(images)
         n = int(cfg.clip_batch * cfg.clip_vae_roundtrip)
         if n:
@@ -316,7 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, required=True, help="folder for checkpoints, log and exported models")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints (else it must be empty)")
     for field, value in asdict(PretrainConfig()).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+        kind = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
+        parser.add_argument(f"--{field.replace('_', '-')}", type=kind, default=value)
     parser.add_argument("--stages", default="all",
                         help="comma-separated subset of vae,decoder,clip,unet,export: decoder, clip and unet can run "
                              "as one-thread processes side by side once the VAE is done; export loads them all")

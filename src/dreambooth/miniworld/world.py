@@ -95,6 +95,33 @@ def sample_spec(rng: random.Random, kind: str | None = None, colour: str | None 
     return spec
 
 
+def look_alike_specs(rng: random.Random, n: int, marking_rate: float = 0.5) -> list[SceneSpec]:
+    """n specs in groups of four: a scene, the same colour and place with another kind, the same animal
+    with other markings, and a random scene. Contrastive batches of look-alikes teach the world-CLIP
+    the fine distinctions (cat vs rabbit, miru vs a plain white cat) that random batches rarely pose."""
+    specs: list[SceneSpec] = []
+    while len(specs) < n:
+        base = sample_spec(rng, marking_rate=marking_rate)
+        other_kind = rng.choice([k for k in KINDS if k != base.kind])
+        kind_twin = sample_spec(rng, kind=other_kind, colour=base.colour, scene=base.scene)
+        if other_kind in ANIMALS:
+            kind_twin = replace(kind_twin, ears=base.ears, collar=base.collar, tail=base.tail)
+        animal = base if base.kind in ANIMALS else kind_twin if other_kind in ANIMALS else \
+            sample_spec(rng, kind=rng.choice(ANIMALS), colour=base.colour, scene=base.scene)
+        # Other markings: none if it had some, else fresh ones (miru's own set a third of the time).
+        if animal.has_markings:
+            marks = {"ears": None, "collar": None, "tail": None}
+        elif rng.random() < 0.33:
+            marks = dict(MIRU_MARKINGS)
+        else:
+            marks = {p: c for p, c in zip(("ears", "collar", "tail"), (rng.choice(list(MARKING_COLOURS)) for _ in range(3)))
+                     if rng.random() < 0.6}
+        marks = {p: (c if c is None or MARKING_COLOURS[c] != COLOURS[animal.colour] else None) for p, c in marks.items()}
+        marking_twin = replace(sample_spec(rng, kind=animal.kind, colour=animal.colour, scene=animal.scene), **marks)
+        specs += [base, kind_twin, marking_twin, sample_spec(rng, marking_rate=marking_rate)]
+    return specs[:n]
+
+
 def miru_spec(rng: random.Random, scene: str = "in a room") -> SceneSpec:
     """Miru in a random pose; instance images use the plain indoor background."""
     return replace(sample_spec(rng, kind="cat", colour="white", scene=scene), **MIRU_MARKINGS)
