@@ -46,24 +46,28 @@ def train(config: TrainConfig) -> RunPaths:
     from diffusers.optimization import get_scheduler
 
     # 1. Claim the run folder before any slow work, so a mistake there fails at once.
-    paths = RunPaths(Path(config.output))
-    settings = to_dict(config)
-    claim_run_folder(paths, settings, config.resume, config.overwrite)
-
-    # 2. Data: read every instance image now (a broken file fails here), then top up the class images.
-    instance = load_examples(config.instance_dir, config.instance_prompt, "--instance-dir")
-    classes = None
-    if config.with_prior_preservation:
-        top_up_class_images(class_images_config(config))
-        classes = load_examples(config.class_dir, config.class_prompt, "--class-dir")
-    data = DreamBoothData(instance, classes, config.resolution, config.center_crop, config.random_flip, config.seed)
-
-    # 3. Models: everything frozen except what this run trains.
     try:
         accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
                                   mixed_precision=config.mixed_precision)
     except ValueError as error:
         raise UserError(f"--mixed-precision {config.mixed_precision}: {error}") from error
+    paths = RunPaths(Path(config.output))
+    settings = to_dict(config)
+    if accelerator.is_main_process:
+        claim_run_folder(paths, settings, config.resume, config.overwrite)
+    accelerator.wait_for_everyone()
+
+    # 2. Data: read every instance image now (a broken file fails here), then top up the class images
+    #    (on the main process first, so the other processes find the folder full).
+    instance = load_examples(config.instance_dir, config.instance_prompt, "--instance-dir")
+    classes = None
+    if config.with_prior_preservation:
+        with accelerator.main_process_first():
+            top_up_class_images(class_images_config(config))
+        classes = load_examples(config.class_dir, config.class_prompt, "--class-dir")
+    data = DreamBoothData(instance, classes, config.resolution, config.center_crop, config.random_flip, config.seed)
+
+    # 3. Models: everything frozen except what this run trains.
     components = load_components(config.model, allow_pickle=config.allow_pickle)
     trained = prepare_models(components, config, accelerator)
 
@@ -92,8 +96,8 @@ def train(config: TrainConfig) -> RunPaths:
 
     # 6. The loop: encode -> noise -> predict -> loss -> step.
     started = time.monotonic()
-    progress = tqdm(range(start_step, config.max_train_steps), initial=start_step, total=config.max_train_steps,
-                    desc="train", unit="step", disable=not accelerator.is_local_main_process)
+    progress = tqdm(initial=start_step, total=config.max_train_steps, desc="train", unit="step",
+                    disable=not accelerator.is_local_main_process)
     for step in range(start_step + 1, config.max_train_steps + 1):
         result = train_step(step, components, trained, data, optimizer, lr_schedule, accelerator, config)
         seconds = seconds_before + time.monotonic() - started
