@@ -25,25 +25,14 @@ TINY_RESOLUTION = 32  # pixels; the tiny VAE halves it once, so latents are 16x1
 TINY_EMBEDDING_SIDE = 32  # input size of the tiny CLIP and DINO-shaped ViT used for metrics
 
 
-def _byte_level_alphabet() -> list[str]:
-    """The 256 printable stand-ins byte-level BPE uses for bytes (the GPT-2 / CLIP convention)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    alphabet, extra = [], 0
-    for byte in range(256):
-        if byte in printable:
-            alphabet.append(chr(byte))
-        else:
-            alphabet.append(chr(256 + extra))
-            extra += 1
-    return alphabet
-
-
 def write_tiny_tokenizer(folder: Path) -> None:
     """A CLIP BPE tokenizer whose vocabulary is single characters plus a few whole words.
 
     Unknown words still tokenize (into characters), like a rare identifier does in real CLIP.
     """
-    chars = _byte_level_alphabet()
+    from dreambooth.miniworld.components import byte_alphabet
+
+    chars = byte_alphabet()
     vocab_tokens = chars + [c + "</w>" for c in chars]
     merges = ["c a", "ca t</w>", "p h", "o t", "ph ot", "phot o</w>", "o f</w>"]
     for merge in merges:
