@@ -125,3 +125,16 @@ def test_measured_sweep_shares_class_images_and_writes_metrics(tiny_model, insta
                (output / "samples" / "lr0.001-prior1-steps1" / "manifest.jsonl").read_text().splitlines()]
     assert samples.count("a photo of a cat") == 2  # the class prompt was rendered for PRES
     assert "lr0.001-prior1-steps1" in (output / "report.md").read_text()
+
+
+def test_devices_run_training_runs_side_by_side_in_worker_processes(tiny_model, instance_dir, tmp_path):
+    """Two 'devices' (CUDA_VISIBLE_DEVICES values; on a CPU machine they only name the workers)."""
+    sweep_file = write_sweep(tmp_path, tiny_model, instance_dir, grid={"learning_rate": [1e-4, 1e-3]},
+                             max_train_steps=1, sampling={"steps": [2], "guidance": [3.0]}, seeds=[0])
+    output = tmp_path / "sweep"
+    run_sweep(SweepConfig(sweep=str(sweep_file), output=str(output), devices=["0", "1"]))
+    records = [json.loads(line) for line in (output / "trials.jsonl").read_text().splitlines()]
+    assert [(r["trial"], r["status"]) for r in records] == [("lr0.0001-steps1", "done"), ("lr0.001-steps1", "done")]
+    for trial in ("lr0.0001-steps1", "lr0.001-steps1"):
+        assert (output / "samples" / trial / "grid.png").is_file()
+    assert (output / "report.html").is_file()

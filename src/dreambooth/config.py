@@ -177,6 +177,9 @@ class SweepConfig:
 
     sweep: str = option(help="The sweep file (YAML or TOML): base settings, grid, sampling, prompts, seeds.", positional=True)
     output: str = option(help="The sweep folder; running the same command again continues where it stopped.")
+    devices: list[str] = option([], "GPUs to run training runs on side by side, one per GPU (e.g. --devices 0 1); "
+                                    "default: one after another on the default device.")
+    only_run: str | None = option(None, "Work on this one training run of the sweep only (what --devices starts per GPU).")
 
     def __post_init__(self) -> None:
         validate_fields(self)

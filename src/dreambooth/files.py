@@ -74,6 +74,20 @@ def replace_dir(complete: Path, final: Path) -> None:
         os.replace(complete, final)
 
 
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing): for read-modify-write by several processes."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def move_aside(folder: Path, names: list[str]) -> Path | None:
     """Move the named entries of `folder` into `folder/replaced-<time>/`; return that folder if anything moved."""
     present = [name for name in names if (folder / name).exists()]

@@ -20,7 +20,7 @@ from typing import Any
 from dreambooth.config import (ClassImagesConfig, GenerateConfig, SweepConfig, TrainConfig, build_config,
                                load_config_file)
 from dreambooth.errors import UserError
-from dreambooth.files import atomic_write_text, read_jsonl
+from dreambooth.files import atomic_write_text, locked, read_jsonl
 
 SWEEP_KEYS = {"grid", "sampling", "prompts", "seeds", "identifier", "class", "evaluation"}
 SAMPLING_KEYS = {"steps", "guidance", "scheduler", "negative_prompt", "height", "width", "batch_size"}
@@ -143,20 +143,39 @@ def run_sweep(config: SweepConfig) -> Path:
     sweep = load_sweep(config.sweep)
     directory = Path(config.output)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(directory / "sweep.yaml", Path(config.sweep).read_text(encoding="utf-8"))
     trials = expand_trials(sweep)
     runs = group_runs(trials)
-    earlier = {record["trial"]: record for record in read_jsonl(directory / "trials.jsonl")}
-    for trial in trials:  # a resumed sweep shows what was finished before, until it passes that trial again
-        trial.status = earlier.get(trial.name, {}).get("status", "pending")
-    write_trials(trials, directory)
-    print(f"sweep: {len(trials)} trials from {len(runs)} training runs -> {directory}")
+    if not config.only_run:  # a worker (--only-run) leaves the shared files to the process that started it
+        atomic_write_text(directory / "sweep.yaml", Path(config.sweep).read_text(encoding="utf-8"))
+        earlier = {record["trial"]: record for record in read_jsonl(directory / "trials.jsonl")}
+        for trial in trials:  # a resumed sweep shows what was finished before, until it passes that trial again
+            trial.status = earlier.get(trial.name, {}).get("status", "pending")
+        write_trials(trials, directory)
+        print(f"sweep: {len(trials)} trials from {len(runs)} training runs -> {directory}")
 
-    # 1. Class images, once per (model, class prompt, folder) for every run that uses them.
-    for class_config in unique_class_image_configs(sweep, trials, directory):
-        top_up_class_images(class_config)
+        # 1. Class images, once per (model, class prompt, folder) for every run that uses them.
+        for class_config in unique_class_image_configs(sweep, trials, directory):
+            top_up_class_images(class_config)
 
     # 2. Each run: train once, then sample and evaluate each of its trials.
+    if config.only_run:
+        if config.only_run not in runs:
+            raise UserError(f"--only-run {config.only_run}: no such run in this sweep ({', '.join(runs)})")
+        run_each(sweep, {config.only_run: runs[config.only_run]}, directory)
+        return directory / "trials.jsonl"
+    if len(config.devices) > 1:
+        run_on_devices(config, runs, directory)
+    else:
+        run_each(sweep, runs, directory)
+
+    # 3. The report.
+    html, _ = write_report(directory)
+    print(f"sweep: report {html}")
+    return html
+
+
+def run_each(sweep: Sweep, runs: dict[str, list[Trial]], directory: Path) -> None:
+    """The runs one after another in this process."""
     clock = Progress(total_steps=sum(max(t.step for t in run_trials) for run_trials in runs.values()))
     models = None
     for index, (run, run_trials) in enumerate(runs.items(), start=1):
@@ -167,10 +186,10 @@ def run_sweep(config: SweepConfig) -> Path:
         except UserError:
             raise  # a mistake in the sweep file stops the sweep: every run would repeat it
         except Exception as error:  # a crash in one run must not lose the others; the trials record why
-            mark(run_trials, "failed", f"training: {type(error).__name__}: {error}", trials, directory)
+            mark(run_trials, "failed", f"training: {type(error).__name__}: {error}", directory)
             continue
         clock.done(max(steps), run_paths)
-        mark(run_trials, "trained", None, trials, directory)
+        mark(run_trials, "trained", None, directory)
         for trial in run_trials:
             pipeline = run_paths.pipeline if trial.step == max(steps) else run_paths.pipeline_at(trial.step)
             print(f"sweep: sampling trial '{trial.name}'")
@@ -178,12 +197,35 @@ def run_sweep(config: SweepConfig) -> Path:
             if sweep.evaluation.get("enabled", True) and not is_evaluated(trial, directory):
                 models = models or load_evaluation_models(sweep)
                 evaluate_trial(sweep, trial, directory, models)
-            mark([trial], "done", None, trials, directory)
+            mark([trial], "done", None, directory)
 
-    # 3. The report.
-    html, _ = write_report(directory)
-    print(f"sweep: report {html}")
-    return html
+
+def run_on_devices(config: SweepConfig, runs: dict[str, list[Trial]], directory: Path) -> None:
+    """One worker process per device, each taking the next run (`--only-run`) until none are left."""
+    import os
+    import queue
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    free: queue.Queue[str] = queue.Queue()
+    for device in config.devices:
+        free.put(device)
+
+    def work(run: str) -> None:
+        device = free.get()
+        try:
+            print(f"sweep: run '{run}' on device {device}")
+            command = [sys.executable, "-m", "dreambooth", "sweep", str(config.sweep), "--output", str(directory),
+                       "--only-run", run]
+            result = subprocess.run(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": device})
+            if result.returncode != 0:
+                mark(runs[run], "failed", f"worker on device {device} exited with status {result.returncode}", directory)
+        finally:
+            free.put(device)
+
+    with ThreadPoolExecutor(max_workers=len(config.devices)) as pool:
+        list(pool.map(work, runs))
 
 
 def group_runs(trials: list[Trial]) -> dict[str, list[Trial]]:
@@ -260,22 +302,26 @@ def evaluate_trial(sweep: Sweep, trial: Trial, directory: Path, models) -> None:
     from dreambooth.metrics import evaluate_samples
 
     path = directory / "metrics.jsonl"
-    rows = [row for row in read_jsonl(path) if row.get("trial") != trial.name]
     new_rows = evaluate_samples(directory / "samples" / trial.name, Path(sweep.base["instance_dir"]), models,
                                 class_prompt=sweep.class_prompt)
-    rows += [{"trial": trial.name, **row} for row in new_rows]
-    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+    with locked(directory / ".sweep.lock"):
+        rows = [row for row in read_jsonl(path) if row.get("trial") != trial.name]
+        rows += [{"trial": trial.name, **row} for row in new_rows]
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def is_evaluated(trial: Trial, directory: Path) -> bool:
     return any(row.get("trial") == trial.name for row in read_jsonl(directory / "metrics.jsonl"))
 
 
-def mark(changed: list[Trial], status: str, error: str | None, trials: list[Trial], directory: Path) -> None:
-    """Set the status of some trials and rewrite DIR/trials.jsonl."""
-    for trial in changed:
-        trial.status, trial.error = status, error
-    write_trials(trials, directory)
+def mark(changed: list[Trial], status: str, error: str | None, directory: Path) -> None:
+    """Set the status of some trials in DIR/trials.jsonl (under a lock: several workers may share the sweep)."""
+    with locked(directory / ".sweep.lock"):
+        records = {record["trial"]: record for record in read_jsonl(directory / "trials.jsonl")}
+        for trial in changed:
+            trial.status, trial.error = status, error
+            records[trial.name] = trial.record()
+        atomic_write_text(directory / "trials.jsonl", "".join(json.dumps(r) + "\n" for r in records.values()))
 
 
 def write_trials(trials: list[Trial], directory: Path) -> None:
