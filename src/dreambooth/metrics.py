@@ -24,6 +24,7 @@ from dreambooth.errors import UserError
 from dreambooth.files import atomic_write_text, read_jsonl
 
 MANIFEST = "manifest.jsonl"  # the name sampling.py writes; not imported so metrics needs no diffusers
+MINIWORLD = "miniworld"
 DINO_TYPES = ("vit", "dinov2")  # backbones whose CLS token is the image embedding
 
 
@@ -90,7 +91,14 @@ def _load(name: str, flag: str, want: Literal["clip", "dino"]) -> tuple[Any, Any
 
 
 def _source(name: str) -> tuple[str, bool]:
-    """(what to pass to from_pretrained, whether it is a local folder): an existing path wins over a hub id."""
+    """(what to pass to from_pretrained, whether it is a local folder): an existing path wins over a hub id.
+
+    `miniworld` names the world-CLIP shipped with the package (it judges images of the miniature world).
+    """
+    if name == MINIWORLD:
+        from dreambooth.miniworld import world_clip_path
+
+        return str(world_clip_path()), world_clip_path().is_dir()
     folder = Path(name).expanduser()
     return (str(folder), True) if folder.exists() else (name, False)
 

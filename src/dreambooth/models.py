@@ -20,6 +20,7 @@ from dreambooth.errors import UserError
 Family = Literal["sd", "sdxl"]
 SourceKind = Literal["folder", "single_file", "hub"]
 
+MINIWORLD = "miniworld"
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -58,7 +59,16 @@ class Components:
 
 
 def resolve_model(model: str, allow_pickle: bool = False) -> ModelSource:
-    """Decide what kind of MODEL the user named, or explain in one line why it is not one."""
+    """Decide what kind of MODEL the user named, or explain in one line why it is not one.
+
+    `miniworld` names the miniature Stable Diffusion shipped with the package.
+    """
+    if model == MINIWORLD:
+        from dreambooth.miniworld import base_model_path
+
+        if not (base_model_path() / "model_index.json").is_file():
+            raise UserError("--model miniworld: the miniature world's weights are not installed in this package")
+        return ModelSource("folder", str(base_model_path()), "sd", model)
     path = Path(model).expanduser()
     if path.is_file():
         suffix = path.suffix.lower()

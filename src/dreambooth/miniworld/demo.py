@@ -15,7 +15,7 @@ from typing import Any
 from dreambooth.config import DemoConfig, GenerateConfig, TrainConfig
 from dreambooth.errors import UserError
 from dreambooth.files import atomic_write_text, move_aside, read_jsonl
-from dreambooth.miniworld import base_model_path, weights_available, world, world_clip_path
+from dreambooth.miniworld import weights_available, world
 
 SCENES = ("by the sea", "in the forest", "in the snow", "at night")
 INSTANCE_PROMPT = "a photo of miru cat"
@@ -35,7 +35,7 @@ def baseline_prompts() -> list[str]:
 def train_settings(config: DemoConfig, output: Path, prior: bool = True) -> TrainConfig:
     """The demo's training run: the package's own trainer on the miniature base model."""
     return TrainConfig(
-        model=str(base_model_path()), instance_dir=str(output / "instance"), instance_prompt=INSTANCE_PROMPT,
+        model="miniworld", instance_dir=str(output / "instance"), instance_prompt=INSTANCE_PROMPT,
         output=str(output / ("run" if prior else "run-no-prior")),
         class_dir=str(output / "class-images") if prior else None, class_prompt=CLASS_PROMPT if prior else None,
         num_class_images=config.num_class_images, class_image_steps=config.sampling_steps[0],
@@ -68,7 +68,7 @@ def run_demo(config: DemoConfig) -> Path:
                             output=str(output / "samples"), **sampling))
 
     print("demo 4/5: the base model's best effort, for comparison")
-    generate(GenerateConfig(model=str(base_model_path()), prompt=baseline_prompts() + [CLASS_PROMPT],
+    generate(GenerateConfig(model="miniworld", prompt=baseline_prompts() + [CLASS_PROMPT],
                             output=str(output / "baseline"), **sampling))
 
     print("demo 5/5: measuring with the world-CLIP")
@@ -96,7 +96,7 @@ def measure(samples: Path, instance_dir: Path) -> dict[str, Any]:
     from dreambooth.metrics import evaluate_samples, load_embedding_models
     from dreambooth.miniworld import measure as judge
 
-    clip = load_embedding_models(str(world_clip_path()), str(world_clip_path()))
+    clip = load_embedding_models("miniworld", "miniworld")
     rows = evaluate_samples(samples, instance_dir, clip, class_prompt=CLASS_PROMPT)
     world_clip = judge.load_world_clip()
     manifest = read_jsonl(samples / "manifest.jsonl")
