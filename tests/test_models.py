@@ -53,3 +53,13 @@ def test_hub_id_while_offline_says_so():
 def test_missing_path():
     with pytest.raises(UserError, match="no such file or folder"):
         resolve_model("./does/not/exist")
+
+
+def test_miniworld_names_the_shipped_model():
+    from dreambooth.miniworld import base_model_path, weights_available
+
+    if weights_available():
+        assert resolve_model("miniworld").location == str(base_model_path())
+    else:
+        with pytest.raises(UserError, match="--model miniworld: the miniature world's weights are not installed"):
+            resolve_model("miniworld")
