@@ -150,3 +150,10 @@ def test_resume_with_other_settings_is_refused(tiny_model, instance_dir, tmp_pat
     train(make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=1))
     with pytest.raises(UserError, match="learning_rate"):
         train(make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=2, resume=True, learning_rate=1e-4))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only without a GPU")
+def test_fp16_without_a_gpu_is_refused_and_bf16_trains(tiny_model, instance_dir, tmp_path):
+    with pytest.raises(UserError, match="--mixed-precision fp16 needs a GPU"):
+        train(make_config(tiny_model, instance_dir, tmp_path / "fp16", mixed_precision="fp16"))
+    assert not (tmp_path / "fp16").exists()

@@ -51,6 +51,8 @@ def train(config: TrainConfig) -> RunPaths:
                                   mixed_precision=config.mixed_precision)
     except ValueError as error:
         raise UserError(f"--mixed-precision {config.mixed_precision}: {error}") from error
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise UserError("--mixed-precision fp16 needs a GPU; on a CPU use bf16 or no")
     paths = RunPaths(Path(config.output))
     settings = to_dict(config)
     if accelerator.is_main_process:
