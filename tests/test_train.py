@@ -153,7 +153,7 @@ def test_resume_with_other_settings_is_refused(tiny_model, instance_dir, tmp_pat
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only without a GPU")
-def test_fp16_without_a_gpu_is_refused_and_bf16_trains(tiny_model, instance_dir, tmp_path):
+def test_fp16_without_a_gpu_is_refused_before_anything_is_written(tiny_model, instance_dir, tmp_path):
     with pytest.raises(UserError, match="--mixed-precision fp16 needs a GPU"):
         train(make_config(tiny_model, instance_dir, tmp_path / "fp16", mixed_precision="fp16"))
     assert not (tmp_path / "fp16").exists()
