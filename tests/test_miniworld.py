@@ -88,6 +88,16 @@ def test_world_clip_data_has_markings_of_every_part():
     assert all(any(getattr(s, p) for s in specs) for p in ("ears", "collar", "tail"))
 
 
+def test_look_alike_batches_pair_scenes_that_differ_only_in_kind_or_markings():
+    specs = world.look_alike_specs(random.Random(0), 64)
+    assert len(specs) == 64
+    for base, kind_twin in zip(specs[::4], specs[1::4]):
+        assert kind_twin.kind != base.kind and (kind_twin.colour, kind_twin.scene) == (base.colour, base.scene)
+    twins = specs[2::4]
+    assert all(t.kind in world.ANIMALS for t in twins)
+    assert any(t.has_markings for t in twins) and any(not t.has_markings for t in twins)
+
+
 # ------------------------------------------------------------------ tokenizer
 
 
@@ -169,8 +179,9 @@ def test_world_clip_reads_kind_colour_scene_and_miru():
     specs = [world.sample_spec(rng) for _ in range(60)]
     preds = measure.zero_shot(wc, world.render_batch(specs))
     for attr in ("kind", "colour", "scene"):
-        assert measure.accuracy(preds[attr], [getattr(s, attr) for s in specs]) >= 0.9, attr
+        # Thresholds a margin below MEASUREMENTS.json (kind is the world-CLIP's weak spot).
+        assert measure.accuracy(preds[attr], [getattr(s, attr) for s in specs]) >= {"kind": 0.7}.get(attr, 0.95), attr
     miru = world.render_batch([world.miru_spec(rng, scene=s) for s in world.SCENES])
     plain = world.render_batch([world.sample_spec(rng, kind="cat", colour="white", scene=s) for s in world.SCENES])
-    assert np.mean(measure.has_miru_markings(measure.predict_markings(wc, miru))) >= 0.7
-    assert np.mean(measure.has_miru_markings(measure.predict_markings(wc, plain))) <= 0.15
+    assert np.mean(measure.detect_miru(wc, miru)) >= 0.85
+    assert np.mean(measure.detect_miru(wc, plain)) <= 0.15

@@ -115,6 +115,19 @@ def predict_markings(wc: WorldClip, images, kind: str = "cat", colour: str = "wh
     return [{p: options[preds[j][i]] for j, p in enumerate(PARTS)} for i in range(len(img))]
 
 
+@torch.no_grad()
+def detect_miru(wc: WorldClip, images, embeddings: torch.Tensor | None = None) -> list[bool]:
+    """True where "a white cat with orange ears, a blue collar and a black tail" beats "a white cat"
+    (each marginalised over scenes): the binary marking detector of the DreamBooth measurements."""
+    plain = [f"a photo of a white cat {s}" for s in world.SCENES]
+    miru = [world.full_caption(world.replace(world.SceneSpec("cat", "white", s, 0, 0, 1, "standing", False, 0),
+                                              **world.MIRU_MARKINGS)) for s in world.SCENES]
+    img = embeddings if embeddings is not None else image_embeddings(wc, images)
+    logits = wc.model.logit_scale.exp() * img @ text_embeddings(wc, plain + miru).T
+    k = len(world.SCENES)
+    return (torch.logsumexp(logits[:, k:], 1) > torch.logsumexp(logits[:, :k], 1)).tolist()
+
+
 def has_miru_markings(predictions: list[dict]) -> list[bool]:
     """True where all three of miru's markings were read off the image."""
     return [all(p[part] == world.MIRU_MARKINGS[part] for part in PARTS) for p in predictions]
@@ -136,10 +149,12 @@ def measure_world_clip(wc: WorldClip, n: int = 1000, seed: int = 1234) -> dict:
     result = {f"{a}_accuracy": accuracy(preds[a], [getattr(s, a) for s in specs]) for a in ATTRIBUTES}
     miru = [world.miru_spec(rng, scene=rng.choice(world.SCENES)) for _ in range(100)]
     plain = [world.sample_spec(rng, kind="cat", colour="white") for _ in range(100)]
-    result["miru_marking_rate_on_miru"] = float(np.mean(has_miru_markings(
-        predict_markings(wc, world.render_batch(miru)))))
-    result["miru_marking_rate_on_white_cats"] = float(np.mean(has_miru_markings(
-        predict_markings(wc, world.render_batch(plain)))))
+    miru_img, plain_img = world.render_batch(miru), world.render_batch(plain)
+    result["miru_detected_on_miru"] = float(np.mean(detect_miru(wc, miru_img)))
+    result["miru_detected_on_white_cats"] = float(np.mean(detect_miru(wc, plain_img)))
+    # Stricter: every part's colour read correctly out of all 343 ear/collar/tail combinations.
+    result["miru_parts_read_on_miru"] = float(np.mean(has_miru_markings(predict_markings(wc, miru_img))))
+    result["miru_parts_read_on_white_cats"] = float(np.mean(has_miru_markings(predict_markings(wc, plain_img))))
     result["n"] = n
     return result
 
@@ -174,7 +189,7 @@ def measure_base_model(pipe, wc: WorldClip, n: int = 200, seed: int = 0, steps: 
     preds = zero_shot(wc, images, embeddings=emb)
     result = {f"{a}_accuracy": accuracy(preds[a], [getattr(s, a) for s in specs]) for a in ATTRIBUTES}
     cats = generate(pipe, ["a photo of a white cat"] * 50, seed=seed + 10_000, steps=steps, guidance=guidance)
-    result["miru_marking_rate_on_white_cats"] = float(np.mean(has_miru_markings(predict_markings(wc, cats))))
+    result["miru_detected_on_white_cats"] = float(np.mean(detect_miru(wc, cats)))
     result.update(n=n, steps=steps, guidance_scale=guidance, scheduler="DDIM")
     return result, images
 
