@@ -180,7 +180,7 @@ def test_world_clip_reads_kind_colour_scene_and_miru():
     preds = measure.zero_shot(wc, world.render_batch(specs))
     for attr in ("kind", "colour", "scene"):
         # Thresholds a margin below MEASUREMENTS.json (kind is the world-CLIP's weak spot).
-        assert measure.accuracy(preds[attr], [getattr(s, attr) for s in specs]) >= {"kind": 0.7}.get(attr, 0.95), attr
+        assert measure.accuracy(preds[attr], [getattr(s, attr) for s in specs]) >= {"kind": 0.6}.get(attr, 0.95), attr
     miru = world.render_batch([world.miru_spec(rng, scene=s) for s in world.SCENES])
     plain = world.render_batch([world.sample_spec(rng, kind="cat", colour="white", scene=s) for s in world.SCENES])
     assert np.mean(measure.detect_miru(wc, miru)) >= 0.85
