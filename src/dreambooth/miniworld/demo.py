@@ -105,7 +105,7 @@ def measure(samples: Path, instance_dir: Path) -> dict[str, Any]:
         records = [r for r in manifest if (r["steps"], r["guidance"]) == setting and r["prompt"] != CLASS_PROMPT]
         images = [Image.open(samples / r["file"]).convert("RGB") for r in records]
         scenes = judge.zero_shot(world_clip, images)["scene"]
-        markings = judge.has_miru_markings(judge.predict_markings(world_clip, images))
+        markings = judge.detect_miru(world_clip, images)
         setting_rows = [r for r in rows if (r["steps"], r["guidance"]) == setting]
         result[f"steps {setting[0]}, guidance {setting[1]:g}"] = {
             "clip_i": mean(r["clip_i"] for r in setting_rows),
