@@ -138,3 +138,10 @@ def test_devices_run_training_runs_side_by_side_in_worker_processes(tiny_model, 
     for trial in ("lr0.0001-steps1", "lr0.001-steps1"):
         assert (output / "samples" / trial / "grid.png").is_file()
     assert (output / "report.html").is_file()
+
+
+def test_shipped_miniworld_sweep_is_a_valid_sweep(monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    trials = expand_trials(load_sweep(root / "examples" / "miniworld-sweep.yaml"))
+    assert len(trials) == 4 and len({t.run for t in trials}) == 2
