@@ -25,7 +25,7 @@ from dreambooth.encoding import encode_images, encode_prompts
 from dreambooth.errors import UserError
 from dreambooth.files import append_jsonl, atomic_dir, atomic_write_text
 from dreambooth.losses import dreambooth_loss, min_snr_weights, prediction_target
-from dreambooth.models import Components, assemble_pipeline, load_components, load_pipeline
+from dreambooth.models import Components, assemble_pipeline, default_device, load_components, load_pipeline
 from dreambooth.sampling import SamplingSetting, render, save_png
 
 VALIDATION_SCHEDULER = "ddim"
@@ -46,13 +46,13 @@ def train(config: TrainConfig) -> RunPaths:
     from diffusers.optimization import get_scheduler
 
     # 1. Claim the run folder before any slow work, so a mistake there fails at once.
+    if config.mixed_precision == "fp16" and default_device().type == "cpu":
+        raise UserError("--mixed-precision fp16 needs a GPU; on a CPU use bf16 or no")
     try:
         accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
                                   mixed_precision=config.mixed_precision)
     except ValueError as error:
         raise UserError(f"--mixed-precision {config.mixed_precision}: {error}") from error
-    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise UserError("--mixed-precision fp16 needs a GPU; on a CPU use bf16 or no")
     paths = RunPaths(Path(config.output))
     settings = to_dict(config)
     if accelerator.is_main_process:
