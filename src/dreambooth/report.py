@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from dreambooth.artifacts import smooth
 from dreambooth.config import ReportConfig
 from dreambooth.errors import UserError
 from dreambooth.files import atomic_write_text, read_jsonl
@@ -101,14 +102,9 @@ def summarize(rows: list[dict]) -> list[dict]:
     return entries
 
 
-def smooth(values: list[float]) -> list[float]:
-    """Bias-corrected exponential moving average, its window about 1/30 of the curve (diffusion loss is noisy)."""
-    weight = max(0.0, 1.0 - 30.0 / max(len(values), 1))
-    out, average = [], 0.0
-    for i, value in enumerate(values, 1):
-        average = weight * average + (1 - weight) * value
-        out.append(average / (1 - weight**i) if weight else value)
-    return out
+def smooth_curve(values: list[float]) -> list[float]:
+    """The run's loss smoothed with a window of about 1/30 of the curve (diffusion loss is noisy)."""
+    return smooth(values, weight=max(0.0, 1.0 - 30.0 / max(len(values), 1)))
 
 
 # Reading the sweep folder --------------------------------------------------------------------------------
@@ -178,7 +174,7 @@ def read_losses(directory: Path, trials: list[dict]) -> dict[str, list[tuple[int
             if isinstance(row.get("step"), int) and isinstance(loss, (int, float)) and math.isfinite(loss):
                 by_step[row["step"]] = float(loss)  # a resumed run logs some steps twice: the later line wins
         steps = sorted(by_step)
-        smoothed = smooth([by_step[s] for s in steps])
+        smoothed = smooth_curve([by_step[s] for s in steps])
         points = [(s, by_step[s], m) for s, m in zip(steps, smoothed) if s <= int(trial.get("step") or 0)]
         if points:
             curves[trial["trial"]] = points

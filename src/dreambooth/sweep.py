@@ -12,7 +12,6 @@ import itertools
 import json
 import math
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -335,7 +334,6 @@ class Progress:
     total_steps: int
     steps_done: int = 0
     seconds: float = 0.0
-    started: float = field(default_factory=time.monotonic)
 
     def done(self, steps: int, paths) -> None:
         records = read_jsonl(paths.metrics)
