@@ -15,7 +15,7 @@ from dreambooth.config import ClassImagesConfig
 from dreambooth.data import IMAGE_SUFFIXES
 from dreambooth.errors import UserError
 from dreambooth.files import append_jsonl
-from dreambooth.models import default_device, inference_dtype, load_pipeline, resolve_model
+from dreambooth.models import default_device, inference_dtype, load_pipeline, resolve_model, without_safety_checker
 from dreambooth.sampling import SamplingSetting, render, save_png
 
 MANIFEST = "manifest.jsonl"
@@ -54,8 +54,7 @@ def top_up_class_images(config: ClassImagesConfig) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     source = resolve_model(config.model, config.allow_pickle)
     device = default_device()
-    extra = {"safety_checker": None, "requires_safety_checker": False} if source.family == "sd" else {}
-    pipeline = load_pipeline(source, torch_dtype=inference_dtype(device), **extra).to(device)
+    pipeline = load_pipeline(source, torch_dtype=inference_dtype(device), **without_safety_checker(source)).to(device)
     setting = SamplingSetting(steps=config.steps, guidance=config.guidance, scheduler=config.scheduler)
     indices = free_indices(folder, missing)
     with tqdm(total=missing, desc="class images", unit="img") as progress:
