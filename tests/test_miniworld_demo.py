@@ -25,9 +25,13 @@ def test_demo_runs_the_whole_story_and_reports_it(tmp_path):
     for link in ("samples/grid.png", "baseline/grid.png", "run/loss.png"):
         assert link in report and (tmp_path / link).is_file()
     numbers = json.loads((tmp_path / "numbers.json").read_text())
-    assert set(numbers["tuned"]) == set(numbers["base"]) == {"steps 5, guidance 5", "steps 10, guidance 5"}
+    settings = {"steps 5, guidance 5", "steps 10, guidance 5", "all settings"}
+    assert set(numbers["tuned"]) == set(numbers["no_prior"]) == set(numbers["base"]) == settings
     for values in numbers["tuned"].values():
-        assert values["n"] == len(SCENES) * 2 and 0 <= values["marking_rate"] <= 1 and values["pres"] is not None
+        assert 0 <= values["marking_rate"] <= 1 and values["pres"] is not None
+    assert numbers["tuned"]["all settings"]["n"] == len(SCENES) * 2 * 2
+    assert [c["claim"].split()[0] for c in numbers["checks"]] == ["subject", "miru's", "scene", "PRES"]
+    assert "samples-no-prior/grid.png" in report and not (tmp_path / "run-no-prior" / "class-images").exists()
     assert len(list((tmp_path / "class-images").glob("*.png"))) == 4
     with pytest.raises(UserError, match="holds an earlier demo"):
         run_demo(config)

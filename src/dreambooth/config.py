@@ -199,6 +199,8 @@ class DemoConfig:
     guidance: list[float] = option([5.0], "Guidance scales of the grid's rows.", non_negative=True)
     num_seeds: int = option(4, "Images per prompt and setting.", positive=True)
     seed: int = option(0, "Seed of the photos, the data order and the noise.")
+    compare_without_prior: bool = option(
+        True, "Also fine-tune without prior preservation, to measure what it protects (PRES, the paper's Table 3).")
     overwrite: bool = option(False, "Write into an --output that holds an earlier demo (it is moved aside).")
 
     def __post_init__(self) -> None:
