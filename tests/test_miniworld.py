@@ -15,7 +15,7 @@ from dreambooth.miniworld import components
 
 ORANGE = np.array(world.MARKING_COLOURS["orange"], dtype=np.uint8)
 needs_weights = pytest.mark.skipif(not weights_available(), reason="pretrained miniworld weights not shipped yet")
-BASE_MODEL_FLOORS = {"kind": 0.0, "colour": 0.0, "scene": 0.0}  # set from MEASUREMENTS.json minus a margin
+BASE_MODEL_FLOORS = {"kind": 0.7, "colour": 0.85, "scene": 0.85}  # MEASUREMENTS.json: 0.90, 0.995, 1.0
 
 
 def _count_colour(images: np.ndarray, colour: np.ndarray) -> np.ndarray:
@@ -194,8 +194,8 @@ def test_world_clip_reads_kind_colour_scene_and_miru():
     specs = [world.sample_spec(rng) for _ in range(60)]
     preds = measure.zero_shot(wc, world.render_batch(specs))
     for attr in ("kind", "colour", "scene"):
-        # Thresholds a margin below MEASUREMENTS.json (kind is the world-CLIP's weak spot).
-        assert measure.accuracy(preds[attr], [getattr(s, attr) for s in specs]) >= {"kind": 0.6}.get(attr, 0.95), attr
+        # MEASUREMENTS.json: kind 0.984, colour and scene 1.0 on 1000 renders; 60 here, so a margin.
+        assert measure.accuracy(preds[attr], [getattr(s, attr) for s in specs]) >= {"kind": 0.9}.get(attr, 0.95), attr
     miru = world.render_batch([world.miru_spec(rng, scene=s) for s in world.SCENES])
     plain = world.render_batch([world.sample_spec(rng, kind="cat", colour="white", scene=s) for s in world.SCENES])
     assert np.mean(measure.detect_miru(wc, miru)) >= 0.85

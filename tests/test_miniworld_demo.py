@@ -1,7 +1,8 @@
-"""The demo end to end in the miniature world, with fewer steps and images than its defaults.
+"""`dreambooth demo` end to end, exactly as the README's first command runs it, with its numbers checked.
 
-What it measures is checked against thresholds once the shipped miniature model is trained well enough
-to meet the issue's accuracy targets (see src/dreambooth/miniworld/weights/MEASUREMENTS.md).
+The thresholds are what the demo measured on the shipped weights (README, "What the demo measures"),
+minus a margin for seed noise: a change that stops DreamBooth from learning miru, makes it forget
+the class, or costs the prompts their scenes fails here.
 """
 
 from __future__ import annotations
@@ -16,22 +17,55 @@ from dreambooth.miniworld import weights_available
 
 pytestmark = pytest.mark.skipif(not weights_available(), reason="pretrained miniworld weights not shipped yet")
 
+# The default DemoConfig measured (README): CLIP-I 0.193 vs 0.052 for the base model, marking rate 0.708 vs
+# 0.000, scene accuracy 0.833, PRES 0.130 with prior vs 0.799 without. Each threshold is that minus a margin.
+MIN_CLIP_I_GAIN = 0.07  # tuned CLIP-I minus base CLIP-I (measured 0.141)
+MIN_MARKING_RATE_GAIN = 0.45  # tuned marking rate minus base marking rate (measured 0.708)
+MIN_SCENE_ACCURACY = 0.75  # measured 0.833; the issue's floor is 0.8, one image in 48 is 0.021
+MIN_PRES_REDUCTION = 0.4  # PRES without prior minus PRES with prior (measured 0.669)
 
-def test_demo_runs_the_whole_story_and_reports_it(tmp_path):
-    from dreambooth.miniworld.demo import SCENES, run_demo
 
-    config = DemoConfig(output=str(tmp_path), max_train_steps=4, num_class_images=4, num_seeds=2, sampling_steps=[5, 10])
-    report = run_demo(config).read_text()
-    for link in ("samples/grid.png", "baseline/grid.png", "run/loss.png"):
-        assert link in report and (tmp_path / link).is_file()
-    numbers = json.loads((tmp_path / "numbers.json").read_text())
-    settings = {"steps 5, guidance 5", "steps 10, guidance 5", "all settings"}
-    assert set(numbers["tuned"]) == set(numbers["no_prior"]) == set(numbers["base"]) == settings
-    for values in numbers["tuned"].values():
-        assert 0 <= values["marking_rate"] <= 1 and values["pres"] is not None
-    assert numbers["tuned"]["all settings"]["n"] == len(SCENES) * 2 * 2
-    assert [c["claim"].split()[0] for c in numbers["checks"]] == ["subject", "miru's", "scene", "PRES"]
-    assert "samples-no-prior/grid.png" in report and not (tmp_path / "run-no-prior" / "class-images").exists()
-    assert len(list((tmp_path / "class-images").glob("*.png"))) == 4
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from dreambooth.miniworld.demo import run_demo
+
+    output = tmp_path_factory.mktemp("demo")
+    config = DemoConfig(output=str(output))
+    report = run_demo(config)
+    return config, output, report.read_text(), json.loads((output / "numbers.json").read_text())
+
+
+def test_demo_writes_grids_loss_curve_and_numbers(demo):
+    from dreambooth.miniworld.demo import SCENES
+
+    config, output, report, numbers = demo
+    for link in ("samples/grid.png", "samples-no-prior/grid.png", "baseline/grid.png", "run/loss.png"):
+        assert link in report and (output / link).is_file()
+    settings = {f"steps {s}, guidance {g:g}" for s in config.sampling_steps for g in config.guidance}
+    assert set(numbers["tuned"]) == set(numbers["no_prior"]) == set(numbers["base"]) == settings | {"all settings"}
+    n_images = len(SCENES) * config.num_seeds * len(settings)
+    assert numbers["tuned"]["all settings"]["n"] == n_images
+    assert len(list((output / "class-images").glob("*.png"))) == config.num_class_images
+    assert not (output / "run-no-prior" / "class-images").exists()
+
+
+def test_dreambooth_learns_miru_without_forgetting_the_class(demo):
+    _, _, _, numbers = demo
+    tuned, base = numbers["tuned"]["all settings"], numbers["base"]["all settings"]
+    no_prior = numbers["no_prior"]["all settings"]
+    assert tuned["clip_i"] - base["clip_i"] >= MIN_CLIP_I_GAIN
+    assert tuned["marking_rate"] - base["marking_rate"] >= MIN_MARKING_RATE_GAIN
+    assert tuned["scene_accuracy"] >= MIN_SCENE_ACCURACY
+    assert no_prior["pres"] - tuned["pres"] >= MIN_PRES_REDUCTION
+    # The report's own checks agree (its scene check uses the issue's 0.8, left to the margin above).
+    passed = {check["claim"].split()[0]: check["passed"] for check in numbers["checks"]}
+    assert passed["subject"] and passed["miru's"] and passed["PRES"]
+
+
+def test_demo_refuses_to_write_over_an_earlier_demo(demo):
+    from dreambooth.miniworld.demo import run_demo
+
+    config, output, report, _ = demo
     with pytest.raises(UserError, match="holds an earlier demo"):
         run_demo(config)
+    assert (output / "report.md").read_text() == report

@@ -50,7 +50,10 @@ def train_settings(config: DemoConfig, output: Path, prior: bool = True) -> Trai
         num_class_images=config.num_class_images, class_image_steps=config.sampling_steps[0],
         class_image_guidance=config.guidance[0], class_image_batch_size=25, class_image_scheduler="ddim",
         resolution=world.SIZE, learning_rate=config.learning_rate, max_train_steps=config.max_train_steps,
-        train_batch_size=config.train_batch_size, lr_scheduler="constant", seed=config.seed,
+        train_batch_size=config.train_batch_size, train_text_encoder=config.train_text_encoder,
+        # A tenth of the UNet's rate: at the same rate "miru" swallowed the scene words (every image a room).
+        text_encoder_learning_rate=config.learning_rate / 10,
+        lr_scheduler="constant", seed=config.seed,
     )
 
 
