@@ -22,9 +22,9 @@ from dreambooth.config import EvaluateConfig
 from dreambooth.data import list_images, load_image
 from dreambooth.errors import UserError
 from dreambooth.files import atomic_write_text, read_jsonl
+from dreambooth.miniworld import ALIAS as MINIWORLD
 
 MANIFEST = "manifest.jsonl"  # the name sampling.py writes; not imported so metrics needs no diffusers
-MINIWORLD = "miniworld"
 DINO_TYPES = ("vit", "dinov2")  # backbones whose CLS token is the image embedding
 
 

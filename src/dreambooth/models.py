@@ -16,11 +16,11 @@ from typing import Any, Literal
 import torch
 
 from dreambooth.errors import UserError
+from dreambooth.miniworld import ALIAS as MINIWORLD
 
 Family = Literal["sd", "sdxl"]
 SourceKind = Literal["folder", "single_file", "hub"]
 
-MINIWORLD = "miniworld"
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 

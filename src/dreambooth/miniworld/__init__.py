@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
+ALIAS = "miniworld"  # as --model it names the shipped pipeline; as --clip-model / --dino-model the world-CLIP
 
 
 def base_model_path() -> Path:

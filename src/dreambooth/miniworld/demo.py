@@ -130,10 +130,12 @@ def measure(samples: Path, instance_dir: Path, judges: tuple) -> dict[str, Any]:
     for setting in sorted({(r["steps"], r["guidance"]) for r in manifest}):
         records = [r for r in manifest if (r["steps"], r["guidance"]) == setting and r["prompt"] != CLASS_PROMPT]
         images = [Image.open(samples / r["file"]).convert("RGB") for r in records]
-        read = judge.zero_shot(world_clip, images)
+        embeddings = judge.image_embeddings(world_clip, images)
+        read = judge.zero_shot(world_clip, images, embeddings=embeddings)
         scenes = read["scene"]
         # The marking detector alone also fires on off-white cats; miru is a white cat with markings.
-        markings = [m and colour == "white" for m, colour in zip(judge.detect_miru(world_clip, images), read["colour"])]
+        detected = judge.detect_miru(world_clip, images, embeddings=embeddings)
+        markings = [m and colour == "white" for m, colour in zip(detected, read["colour"])]
         setting_rows = [r for r in rows if (r["steps"], r["guidance"]) == setting]
         result[f"steps {setting[0]}, guidance {setting[1]:g}"] = {
             "clip_i": mean(r["clip_i"] for r in setting_rows),
