@@ -61,6 +61,8 @@ def bad_inputs(tmp_path: Path, tiny_model: Path, instance_dir: Path) -> list[tup
         (good + ["--max-train-steps", "0"], "--max-train-steps 0"),
         (good + ["--learning-rate", "-1e-6"], "--learning-rate"),
         (good + ["--class-dir", str(tmp_path / "cats")], "--class-dir needs --class-prompt"),
+        (good + ["--instance-mask-dir", str(write_images(tmp_path / "masks", 1, prefix="unrelated")[0].parent)],
+         "no mask for"),
         (base + ["--instance-dir", str(instance_dir), "--output", str(other_run)], "--resume"),
         (good + ["--max-train-steps", "many"], "invalid int value"),
         (["generate", "--model", str(tiny_model), "--prompt", "p", "--output", str(tmp_path / "g"),

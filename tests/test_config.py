@@ -34,6 +34,7 @@ def test_yaml_and_toml_files_load(tmp_path):
         ({"max_train_steps": -1}, "--max-train-steps -1"),
         ({"class_dir": "cats"}, "--class-dir needs --class-prompt"),
         ({"lr_scheduler": "step"}, "choose one of"),
+        ({"mask_background_weight": 1.5}, "--mask-background-weight 1.5: must be between 0 and 1"),
     ],
 )
 def test_bad_settings_name_the_key(values, message):

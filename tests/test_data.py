@@ -17,6 +17,7 @@ from dreambooth.data import (
     list_images,
     load_examples,
     load_image,
+    load_masks,
     to_tensor,
 )
 from dreambooth.errors import UserError
@@ -334,3 +335,62 @@ def test_batch_matches_to_tensor_of_the_original_image():
     data = DreamBoothData([Example(Path("a.png"), "a", image)], None, 16, True, False, seed=0)
     direct = to_tensor(image, 16, True, False, torch.Generator())
     assert torch.equal(data.batch([0])["pixel_values"][0], direct)
+
+
+# --- masks ---------------------------------------------------------------------------------------------
+
+
+def left_half_mask(size: int = 16) -> Image.Image:
+    """White exactly over asymmetric()'s red pixels (its left half short of the green band), black elsewhere."""
+    pixels = np.zeros((size, size * 2), dtype=np.uint8)
+    pixels[:, : size - 2] = 255
+    return Image.fromarray(pixels, mode="L")
+
+
+def test_masks_are_cut_with_the_same_crop_and_flip_as_their_photo():
+    # 16x32 at resolution 16: no resize blurs the edges, and random crops slide over the width.
+    data = DreamBoothData([Example(Path("a.png"), "a", asymmetric(16), mask=left_half_mask(16))],
+                          examples(2, "cls", 24), 16, center_crop=False, random_flip=True, seed=5)
+    seen_flipped = seen_plain = False
+    for k in range(12):
+        batch = data.batch([k])
+        red = (batch["pixel_values"][0, 0] > 0.9) & (batch["pixel_values"][0, 2] < -0.9)
+        mask = batch["masks"][0, 0]
+        assert torch.equal(mask == 1.0, red)  # the mask stays on the red pixels through every crop and flip
+        seen_flipped |= bool(red[:, -1].all())
+        seen_plain |= bool(red[:, 0].all())
+        assert torch.equal(batch["masks"][1], torch.ones(1, 16, 16))  # class examples are learned whole
+    assert seen_flipped and seen_plain
+
+
+def test_masks_do_not_change_the_pixels_or_the_order():
+    image = asymmetric(20)
+    plain = DreamBoothData([Example(Path("a.png"), "a", image)], None, 16, False, True, seed=2)
+    masked = DreamBoothData([Example(Path("a.png"), "a", image, mask=left_half_mask(20))], None, 16, False, True, seed=2)
+    assert "masks" not in plain.batch([0])
+    for k in range(5):
+        assert torch.equal(plain.batch([k])["pixel_values"], masked.batch([k])["pixel_values"])
+
+
+def test_load_masks_pairs_by_name_and_reads_alpha_or_brightness(tmp_path):
+    photos = load_examples(write_images(tmp_path / "photos", 2, size=20)[0].parent, "a photo", "--instance-dir")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.new("L", (20, 20), 255).save(masks / "img00.png")
+    Image.new("RGBA", (20, 20), (0, 0, 0, 0)).save(masks / "img01.png")  # black but fully transparent
+    loaded = load_masks(photos, masks, "--instance-mask-dir")
+    assert [e.path.name for e in loaded] == ["img00.png", "img01.png"]
+    assert np.asarray(loaded[0].mask).min() == 255
+    assert np.asarray(loaded[1].mask).max() == 0  # transparency, not the black colour, says "background"
+
+
+def test_a_missing_or_misfit_mask_is_named(tmp_path):
+    photos = load_examples(write_images(tmp_path / "photos", 2, size=20)[0].parent, "a photo", "--instance-dir")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.new("L", (20, 20), 255).save(masks / "img00.png")
+    with pytest.raises(UserError, match=r"--instance-mask-dir .*no mask for img01.png; add img01.png"):
+        load_masks(photos, masks, "--instance-mask-dir")
+    Image.new("L", (10, 20), 255).save(masks / "img01.png")
+    with pytest.raises(UserError, match=r"img01.png: the mask is 10x20 but img01.png is 20x20"):
+        load_masks(photos, masks, "--instance-mask-dir")

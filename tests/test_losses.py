@@ -5,7 +5,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from dreambooth.errors import UserError
-from dreambooth.losses import dreambooth_loss, min_snr_weights, prediction_target
+from dreambooth.losses import dreambooth_loss, min_snr_weights, prediction_target, training_noise
 
 
 def scheduler(prediction_type: str) -> DDPMScheduler:
@@ -65,3 +65,39 @@ def test_min_snr_weights_clip_high_snr_steps():
     assert weights[0] < 1.0 and weights[2] == pytest.approx(1.0)
     v_weights = min_snr_weights(scheduler("v_prediction"), timesteps, gamma=5.0)
     assert torch.allclose(v_weights, torch.clamp(snr, max=5.0) / (snr + 1))
+
+
+def test_training_noise_pyramid_hides_the_coarse_signal_left_in_the_last_timestep():
+    shape = (256, 4, 16, 16)
+    plain = training_noise(shape, torch.Generator().manual_seed(0))
+    coarse = training_noise(shape, torch.Generator().manual_seed(0), 0.3, offset_noise_levels=3)
+    assert torch.equal(coarse, training_noise(shape, torch.Generator().manual_seed(0), 0.3, offset_noise_levels=3))
+    # Channel means of plain noise vary by 1/16; with coarse noise by about 0.3, several times the ~0.07
+    # of the image that SD's schedule leaves at t=999, so they no longer tell the model the scene.
+    assert plain.mean(dim=(2, 3)).std() < 0.08 < 0.25 < coarse.mean(dim=(2, 3)).std()
+    top, bottom = coarse[:, :, :8].mean(dim=(2, 3)), coarse[:, :, 8:].mean(dim=(2, 3))
+    assert (top - bottom).std() > 1.4 * (plain[:, :, :8].mean(dim=(2, 3)) - plain[:, :, 8:].mean(dim=(2, 3))).std()
+
+
+def test_one_level_of_offset_noise_is_constant_over_the_latent():
+    shape = (8, 4, 16, 16)
+    plain = training_noise(shape, torch.Generator().manual_seed(1))
+    offset = training_noise(shape, torch.Generator().manual_seed(1), 0.5)
+    shift = offset - plain
+    assert torch.allclose(shift, shift[:, :, :1, :1].expand(shape), atol=1e-6)
+    assert shift[:, :, 0, 0].abs().max() > 0.1
+
+
+def test_pixel_weights_make_a_weighted_mean_that_ignores_zero_weight_pixels():
+    target = torch.zeros(2, 4, 8, 8)
+    prediction = torch.zeros(2, 4, 8, 8)
+    prediction[:, :, :, 4:] = 3.0  # wrong only on the right half
+    left = torch.zeros(2, 1, 8, 8)
+    left[:, :, :, :4] = 1.0
+    assert dreambooth_loss(prediction, target, 2, 1.0, pixel_weights=left).loss.item() == 0.0
+    plain = dreambooth_loss(prediction, target, 1, 1.0)
+    ones = dreambooth_loss(prediction, target, 1, 1.0, pixel_weights=torch.ones(2, 1, 8, 8))
+    assert torch.allclose(plain.loss, ones.loss) and plain.loss.item() == pytest.approx(9.0)
+    # Weight 1 on the right half, 0.1 on the wrong one: (0.1 * 9) / (1 + 0.1), whatever the half's size.
+    faint = dreambooth_loss(prediction, target, 2, 1.0, pixel_weights=0.1 + 0.9 * left).loss.item()
+    assert faint == pytest.approx(0.9 / 1.1, rel=1e-5)

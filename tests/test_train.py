@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 from dreambooth.config import TrainConfig
 from dreambooth.errors import UserError
-from dreambooth.train import train
+from dreambooth.train import mask_weights, train
 
 from conftest import TINY_RESOLUTION, write_images
 
@@ -128,6 +129,38 @@ def test_prior_preservation_tops_up_class_images_and_logs_prior_loss(tiny_model,
     assert len(list(class_dir.glob("*.png"))) == 3 and (class_dir / "mine00.png").exists()
     record = json.loads(paths.metrics.read_text().splitlines()[0])
     assert record["loss"] == pytest.approx(record["instance_loss"] + record["prior_loss"], rel=1e-5)
+
+
+def write_masks(instance_dir: Path, folder: Path, value: int) -> Path:
+    folder.mkdir()
+    for photo in instance_dir.glob("*.png"):
+        Image.new("L", Image.open(photo).size, value).save(folder / photo.name)
+    return folder
+
+
+def test_masks_reach_the_loss(tiny_model, instance_dir, tmp_path):
+    plain = train(make_config(tiny_model, instance_dir, tmp_path / "plain"))
+    whole = train(make_config(tiny_model, instance_dir, tmp_path / "whole",
+                              instance_mask_dir=str(write_masks(instance_dir, tmp_path / "white", 255))))
+    nothing = train(make_config(tiny_model, instance_dir, tmp_path / "nothing", mask_background_weight=0.0,
+                                adam_weight_decay=0.0, instance_mask_dir=str(write_masks(instance_dir, tmp_path / "black", 0))))
+    losses = [json.loads(p.metrics.read_text().splitlines()[0])["loss"] for p in (plain, whole, nothing)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)  # a mask over everything changes nothing
+    assert losses[2] == 0.0  # no subject and no background weight: nothing left to learn
+    assert max_difference(weights(plain.pipeline, "unet"), weights(whole.pipeline, "unet")) < 1e-5
+    assert max_difference(weights(tiny_model, "unet"), weights(nothing.pipeline, "unet")) == 0.0
+
+
+def test_mask_weights_follow_the_mask_on_the_latent_grid():
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[:, :, :, :16] = 1.0
+    masks[1, :, :, 16:18] = 1.0  # half of latent column 4 (pixels 16-19) on the second example
+    config = TrainConfig(model="m", instance_dir="i", instance_prompt="p", output="o", mask_background_weight=0.2)
+    grid = mask_weights({"masks": masks}, torch.Size([8, 8]), config)
+    assert grid.shape == (2, 1, 8, 8)
+    assert torch.all(grid[:, :, :, :4] == 1.0) and torch.allclose(grid[0, :, :, 4:], torch.full((1, 8, 4), 0.2))
+    assert torch.allclose(grid[1, :, :, 4], torch.full((1, 8), 0.2 + 0.8 * 0.5))
+    assert mask_weights({}, torch.Size([8, 8]), config) is None
 
 
 def test_v_prediction_model_trains(tiny_vpred_model, instance_dir, tmp_path):

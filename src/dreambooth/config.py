@@ -71,6 +71,11 @@ class TrainConfig:
     instance_dir: str = option(help="Folder of photos of the subject (jpg, png, webp); a .txt beside an image is its caption.")
     instance_prompt: str = option(help='Prompt naming the subject, e.g. "a photo of miru cat".')
     output: str = option(help="The RUN folder to write.")
+    instance_mask_dir: str | None = option(
+        None, "Folder of masks named like the photos (white where the subject is): the loss then weighs the "
+              "background by --mask-background-weight, so the subject's surroundings are not learned with it.")
+    mask_background_weight: float = option(0.1, "Loss weight of the background when masks are given (0 to 1).",
+                                           non_negative=True)
     class_dir: str | None = option(None, "Folder of class images for prior preservation (topped up with the base model).")
     class_prompt: str | None = option(None, 'Class prompt, e.g. "a photo of a cat"; turns on prior preservation.')
     num_class_images: int = option(200, "Class images to have before training; missing ones are generated.", positive=True)
@@ -95,6 +100,9 @@ class TrainConfig:
     random_flip: bool = option(False, "Flip images horizontally at random.")
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this (0 turns clipping off).", non_negative=True)
     offset_noise: float = option(0.0, "Offset-noise strength (helps very dark or bright images).", non_negative=True)
+    offset_noise_levels: int = option(
+        1, "Offset noise also over halves, quarters, ... of the latent (match a base model pretrained that way).",
+        positive=True)
     snr_gamma: float | None = option(None, "Min-SNR loss weighting gamma (5.0 is the paper's value).", positive=True)
     save_pipeline_at: list[int] = option([], "Also save the pipeline at these steps, in RUN/pipelines/step-NNNNNN/ (sweeps use this).")
     checkpoint_every: int = option(0, "Save a resumable checkpoint every N steps (0: never).", non_negative=True)
@@ -112,6 +120,8 @@ class TrainConfig:
         validate_fields(self)
         if self.resolution % 8:
             raise UserError(f"--resolution {self.resolution}: must be a multiple of 8 (e.g. {self.resolution // 8 * 8 or 8})")
+        if self.mask_background_weight > 1:
+            raise UserError(f"--mask-background-weight {self.mask_background_weight}: must be between 0 and 1")
         if self.class_dir and not self.class_prompt:
             raise UserError("--class-dir needs --class-prompt (the prompt its images show, e.g. \"a photo of a cat\")")
         if self.class_prompt and not self.class_dir:

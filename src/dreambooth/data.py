@@ -1,4 +1,4 @@
-"""Instance and class images: finding, decoding, captions, transforms and step-indexed batches.
+"""Instance and class images: finding, decoding, captions, masks, transforms and step-indexed batches.
 
 No models and no tokenizer live here: prompts stay strings and the trainer encodes them. Images are
 decoded once, up front, so a broken file stops the run before any GPU time is spent.
@@ -6,7 +6,7 @@ decoded once, up front, so a broken file stops the run before any GPU time is sp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +100,7 @@ class Example:
     path: Path
     prompt: str
     image: Image.Image  # RGB, decoded once and kept in memory (DreamBooth sets are small)
+    mask: Image.Image | None = None  # "L", same size: 255 where the subject is (see load_masks)
 
 
 def load_examples(folder: str | Path, prompt: str, flag: str, limit: int | None = None) -> list[Example]:
@@ -110,6 +111,38 @@ def load_examples(folder: str | Path, prompt: str, flag: str, limit: int | None 
             raise ValueError(f"limit must be positive, got {limit}")
         paths = paths[:limit]
     return [Example(path=p, prompt=caption_for(p, prompt), image=load_image(p)) for p in paths]
+
+
+def load_masks(examples: list[Example], folder: str | Path, flag: str) -> list[Example]:
+    """The examples with their masks: for each photo, the image of the same name stem in `folder` (white or
+    opaque where the subject is). A mask's alpha channel is used when it has one, else its brightness."""
+    by_stem: dict[str, Path] = {}
+    for path in list_images(folder, flag):
+        by_stem.setdefault(path.stem, path)
+    masked = []
+    for example in examples:
+        path = by_stem.get(example.path.stem)
+        if path is None:
+            raise UserError(f"{flag} {folder}: no mask for {example.path.name}; add {example.path.stem}.png "
+                            "(white where the subject is, black elsewhere)")
+        mask = _to_mask(path)
+        if mask.size != example.image.size:
+            raise UserError(f"{path}: the mask is {mask.size[0]}x{mask.size[1]} but {example.path.name} is "
+                            f"{example.image.size[0]}x{example.image.size[1]}; save it at the photo's size")
+        masked.append(replace(example, mask=mask))
+    return masked
+
+
+def _to_mask(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+            if "A" in image.getbands() or "transparency" in image.info:
+                return image.convert("RGBA").getchannel("A")
+            return _to_rgb(image).convert("L")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise UserError(f"{path}: cannot read this mask (truncated or not an image); fix or remove it") from err
 
 
 def _resize_short_side(image: Image.Image, resolution: int) -> Image.Image:
@@ -128,17 +161,28 @@ def to_tensor(
 ) -> torch.Tensor:
     """Resize (short side), crop to a square, optionally flip; float32 [3, R, R] in [-1, 1]."""
     image = _resize_short_side(image, resolution)
-    width, height = image.size
+    box = crop_box(image.size, resolution, center_crop, generator)
+    return _crop_to_tensor(image, box, flip) / 127.5 - 1.0
+
+
+def crop_box(size: tuple[int, int], resolution: int, center_crop: bool,
+             generator: torch.Generator) -> tuple[int, int, int, int]:
+    """The square (left, top, right, bottom) to crop from an image of `size` whose short side is `resolution`."""
+    width, height = size
     if center_crop:
         left, top = (width - resolution) // 2, (height - resolution) // 2
     else:
         # Both offsets are always drawn, so the generator advances the same way for every image shape.
         top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
         left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
-    image = image.crop((left, top, left + resolution, top + resolution))
+    return left, top, left + resolution, top + resolution
+
+
+def _crop_to_tensor(image: Image.Image, box: tuple[int, int, int, int], flip: bool) -> torch.Tensor:
+    """float32 [channels, R, R] with values 0..255."""
     # np.array (a copy), not asarray: torch.from_numpy warns on PIL's read-only buffers.
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-    tensor = pixels.to(torch.float32) / 127.5 - 1.0
+    pixels = torch.from_numpy(np.array(image.crop(box), dtype=np.uint8))
+    tensor = (pixels.unsqueeze(-1) if pixels.ndim == 2 else pixels).permute(2, 0, 1).to(torch.float32)
     return tensor.flip(-1) if flip else tensor
 
 
@@ -188,6 +232,10 @@ class DreamBoothData:
         # to_tensor leaves an image whose short side already equals the resolution untouched.
         self._instance_images = [_resize_short_side(e.image, resolution) for e in instance]
         self._class_images = [_resize_short_side(e.image, resolution) for e in classes or []]
+        self.has_masks = any(e.mask is not None for e in instance)
+        if self.has_masks and not all(e.mask is not None for e in instance):
+            raise ValueError("either every instance example has a mask or none has")
+        self._instance_masks = [_resize_short_side(e.mask, resolution) for e in instance] if self.has_masks else []
 
     @property
     def num_instance(self) -> int:
@@ -202,25 +250,39 @@ class DreamBoothData:
         permutation = torch.randperm(count, generator=_generator(_stream_seed(self.seed, order_stream, epoch)))
         return int(permutation[position])
 
-    def _pixels(self, image: Image.Image, sample_id: int, augment_stream: int) -> torch.Tensor:
+    def _pixels(self, image: Image.Image, sample_id: int, augment_stream: int,
+                mask: Image.Image | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The image in [-1, 1] and its mask in [0, 1], cut by the same crop and flip."""
         generator = _generator(_stream_seed(self.seed, augment_stream, sample_id))
         # The flip is drawn even when random_flip is off so the crop offsets do not depend on that flag.
         flip = bool(torch.rand((), generator=generator) < 0.5) and self.random_flip
-        return to_tensor(image, self.resolution, self.center_crop, flip, generator)
+        box = crop_box(image.size, self.resolution, self.center_crop, generator)
+        pixels = _crop_to_tensor(image, box, flip) / 127.5 - 1.0
+        return pixels, (_crop_to_tensor(mask, box, flip) / 255.0 if mask is not None else None)
 
     def batch(self, sample_ids: list[int]) -> dict:
-        """Instance examples for `sample_ids`, then (with class images) class examples for the same ids."""
+        """Instance examples for `sample_ids`, then (with class images) class examples for the same ids.
+        With masks, "masks" [B, 1, R, R] holds each example's mask (class examples: all ones)."""
         if any(k < 0 for k in sample_ids):
             raise ValueError(f"sample ids must be non-negative, got {sample_ids}")
         pixels: list[torch.Tensor] = []
+        masks: list[torch.Tensor] = []
         prompts: list[str] = []
         for k in sample_ids:
             index = self._pick(k, self.num_instance, _INSTANCE_ORDER)
-            pixels.append(self._pixels(self._instance_images[index], k, _INSTANCE_AUGMENT))
+            mask = self._instance_masks[index] if self.has_masks else None
+            image, cut_mask = self._pixels(self._instance_images[index], k, _INSTANCE_AUGMENT, mask)
+            pixels.append(image)
+            masks.append(cut_mask if cut_mask is not None else torch.ones_like(image[:1]))
             prompts.append(self.instance[index].prompt)
         if self.classes is not None:
             for k in sample_ids:
                 index = self._pick(k, self.num_class, _CLASS_ORDER)
-                pixels.append(self._pixels(self._class_images[index], k, _CLASS_AUGMENT))
+                image, _ = self._pixels(self._class_images[index], k, _CLASS_AUGMENT)
+                pixels.append(image)
+                masks.append(torch.ones_like(image[:1]))
                 prompts.append(self.classes[index].prompt)
-        return {"pixel_values": torch.stack(pixels), "prompts": prompts, "num_instance": len(sample_ids)}
+        batch = {"pixel_values": torch.stack(pixels), "prompts": prompts, "num_instance": len(sample_ids)}
+        if self.has_masks:
+            batch["masks"] = torch.stack(masks)
+        return batch

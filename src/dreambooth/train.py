@@ -20,11 +20,11 @@ from dreambooth.checkpoints import (RunPaths, claim_run_folder, load_latest_chec
                                     truncate_metrics)
 from dreambooth.class_images import top_up_class_images
 from dreambooth.config import ClassImagesConfig, TrainConfig, to_dict
-from dreambooth.data import DreamBoothData, load_examples
+from dreambooth.data import DreamBoothData, load_examples, load_masks
 from dreambooth.encoding import encode_images, encode_prompts
 from dreambooth.errors import UserError
 from dreambooth.files import append_jsonl, atomic_dir, atomic_write_text
-from dreambooth.losses import dreambooth_loss, min_snr_weights, prediction_target
+from dreambooth.losses import dreambooth_loss, min_snr_weights, prediction_target, training_noise
 from dreambooth.models import Components, assemble_pipeline, default_device, load_components, load_pipeline
 from dreambooth.sampling import SamplingSetting, render, save_png
 
@@ -62,6 +62,8 @@ def train(config: TrainConfig) -> RunPaths:
     # 2. Data: read every instance image now (a broken file fails here), then top up the class images
     #    (on the main process first, so the other processes find the folder full).
     instance = load_examples(config.instance_dir, config.instance_prompt, "--instance-dir")
+    if config.instance_mask_dir:
+        instance = load_masks(instance, config.instance_mask_dir, "--instance-mask-dir")
     classes = None
     if config.with_prior_preservation:
         with accelerator.main_process_first():
@@ -224,7 +226,18 @@ def micro_step_loss(batch: dict[str, Any], generator: torch.Generator, component
     target = prediction_target(scheduler, latents, noise, timesteps)
     weights = min_snr_weights(scheduler, timesteps, config.snr_gamma) if config.snr_gamma else None
     prior_weight = config.prior_loss_weight if config.with_prior_preservation else 0.0
-    return dreambooth_loss(prediction, target, batch["num_instance"], prior_weight, weights)
+    return dreambooth_loss(prediction, target, batch["num_instance"], prior_weight, weights,
+                           pixel_weights=mask_weights(batch, latents.shape[-2:], config))
+
+
+def mask_weights(batch: dict[str, Any], latent_size: torch.Size, config: TrainConfig) -> torch.Tensor | None:
+    """Per-latent-pixel loss weights from the batch's masks: 1 on the subject, --mask-background-weight
+    elsewhere (the share of each latent pixel's area the mask covers decides between them)."""
+    if "masks" not in batch:
+        return None
+    coverage = torch.nn.functional.interpolate(batch["masks"], size=tuple(latent_size), mode="area")
+    background = config.mask_background_weight
+    return background + (1.0 - background) * coverage
 
 
 def needs_checkpoint(step: int, config: TrainConfig) -> bool:

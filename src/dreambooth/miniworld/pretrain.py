@@ -28,6 +28,8 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 from transformers import CLIPTokenizer
 
+from dreambooth.losses import training_noise
+
 from . import components, world
 
 
@@ -58,7 +60,7 @@ class PretrainConfig:
     unet_lr: float = 5e-4
     caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
     snr_gamma: float = 5.0  # min-SNR loss weighting (Hang et al. 2023) converges faster
-    unet_lowfreq_noise: float = 0.3  # see training_noise
+    unet_lowfreq_noise: float = 0.3  # offset noise over 3 levels: see losses.training_noise
     ema_decay: float = 0.999
     checkpoint_every: int = 200
 
@@ -231,23 +233,6 @@ def train_world_clip(out: Path, cfg: PretrainConfig, clip, tokenizer, vae) -> No
     clip.eval()
 
 
-def training_noise(shape: torch.Size, gen: torch.Generator, lowfreq: float) -> torch.Tensor:
-    """Gaussian noise plus `lowfreq` times noise that is constant over the whole latent, its halves and
-    its quarters (offset noise, Guttenberg 2023, extended to a coarse pyramid).
-
-    Why: Stable Diffusion's schedule keeps about 7% of the image at the last timestep. On 16x16 latents
-    the channel means and coarse layout of that leak are as strong as those of the noise itself, so a
-    model trained on plain noise reads the scene off the noise and ignores the caption (before this,
-    one seed drew the same background for every prompt). Coarse noise makes the leak uninformative;
-    sampling still starts from plain Gaussian noise."""
-    noise = torch.randn(shape, generator=gen)
-    for cells, weight in ((1, lowfreq), (2, lowfreq / 2), (4, lowfreq / 4)):
-        if weight:
-            coarse = torch.randn((*shape[:2], cells, cells), generator=gen)
-            noise = noise + weight * F.interpolate(coarse, size=shape[2:], mode="nearest")
-    return noise
-
-
 def train_unet(out: Path, cfg: PretrainConfig, unet, text_encoder, tokenizer, vae, noise_scheduler) -> None:
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
@@ -264,7 +249,7 @@ def train_unet(out: Path, cfg: PretrainConfig, unet, text_encoder, tokenizer, va
             latents = vae.encode(images_tensor(images)).latent_dist.sample(generator=gen) * scale
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
-        noise = training_noise(latents.shape, gen, cfg.unet_lowfreq_noise)
+        noise = training_noise(latents.shape, gen, cfg.unet_lowfreq_noise, offset_noise_levels=3)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
         pred = unet(noise_scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
         # min-SNR-gamma weights for epsilon prediction: min(snr, gamma) / snr.

@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass, replace
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 SIZE = 64
 KINDS = ("cat", "dog", "rabbit", "bird", "car")
@@ -381,22 +381,36 @@ def sample_batch(rng: random.Random, n: int, marking_rate: float = 0.0) -> tuple
     return render_batch(specs), specs
 
 
+def render_mask(spec: SceneSpec) -> Image.Image:
+    """The object's silhouette in `render(spec)`: 255 where the object (outline included) covers the
+    background, grown by one pixel so anti-aliased edges count as the object."""
+    background = np.asarray(_background(spec.scene, spec.background_seed)).astype(np.int16)
+    covered = (np.abs(render(spec).astype(np.int16) - background).sum(axis=-1) > 0).astype(np.uint8) * 255
+    return Image.fromarray(covered, mode="L").filter(ImageFilter.MaxFilter(3))
+
+
 def miru_instance_images(n: int = 5, seed: int = 0, scene: str = "in a room") -> list[Image.Image]:
     """N photos of miru in varied poses; the indoor background by default (the instance images)."""
     rng = random.Random(seed)
     return [Image.fromarray(render(miru_spec(rng, scene=scene))) for _ in range(n)]
 
 
-def save_instance_images(folder, n: int = 5, seed: int = 0) -> list:
-    """Write miru's instance photos as PNGs (miru-00.png, ...) and return their paths."""
+def save_instance_images(folder, n: int = 5, seed: int = 0, mask_folder=None) -> list:
+    """Write miru's instance photos as PNGs (miru-00.png, ...) and return their paths; with `mask_folder`,
+    also miru's silhouette in each, under the same names (for `train --instance-mask-dir`)."""
     from pathlib import Path
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
     paths = []
-    for i, im in enumerate(miru_instance_images(n, seed=seed)):
+    for i in range(n):
+        spec = miru_spec(rng)
         paths.append(folder / f"miru-{i:02d}.png")
-        im.save(paths[-1])
+        Image.fromarray(render(spec)).save(paths[-1])
+        if mask_folder is not None:
+            Path(mask_folder).mkdir(parents=True, exist_ok=True)
+            render_mask(spec).save(Path(mask_folder) / paths[-1].name)
     return paths
 
 
