@@ -34,6 +34,7 @@ def test_yaml_and_toml_files_load(tmp_path):
         ({"max_train_steps": -1}, "--max-train-steps -1"),
         ({"class_dir": "cats"}, "--class-dir needs --class-prompt"),
         ({"lr_scheduler": "step"}, "choose one of"),
+        ({"token_embedding_learning_rate": 1e-3}, "--token-embedding-learning-rate needs --train-text-encoder"),
         ({"mask_background_weight": 1.5}, "--mask-background-weight 1.5: must be between 0 and 1"),
     ],
 )

@@ -93,6 +93,10 @@ class TrainConfig:
     lr_warmup_steps: int = option(0, "Warm-up steps of the schedule.", non_negative=True)
     train_text_encoder: bool = option(False, "Fine-tune the text encoder too.")
     text_encoder_learning_rate: float | None = option(None, "Text-encoder learning rate (default: --learning-rate).", positive=True)
+    token_embedding_learning_rate: float | None = option(
+        None, "Learning rate of the text encoder's token embeddings (default: --text-encoder-learning-rate): a "
+              "higher one binds a new identifier word fast while the layers every word shares barely move.",
+        positive=True)
     adam_weight_decay: float = option(1e-2, "AdamW weight decay.", non_negative=True)
     mixed_precision: str = option("no", "Mixed precision for the forward pass.", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = option(False, "Trade compute for memory in the UNet (and text encoder).")
@@ -120,6 +124,8 @@ class TrainConfig:
         validate_fields(self)
         if self.resolution % 8:
             raise UserError(f"--resolution {self.resolution}: must be a multiple of 8 (e.g. {self.resolution // 8 * 8 or 8})")
+        if self.token_embedding_learning_rate and not self.train_text_encoder:
+            raise UserError("--token-embedding-learning-rate needs --train-text-encoder (the embeddings are part of it)")
         if self.mask_background_weight > 1:
             raise UserError(f"--mask-background-weight {self.mask_background_weight}: must be between 0 and 1")
         if self.class_dir and not self.class_prompt:

@@ -160,11 +160,20 @@ def prepare_models(components: Components, config: TrainConfig, accelerator) -> 
 
 
 def parameter_groups(components: Components, config: TrainConfig) -> list[dict[str, Any]]:
-    """One AdamW group per trained model, each with its own learning rate."""
+    """One AdamW group per trained model, each with its own learning rate; with
+    --token-embedding-learning-rate, the text encoder's token embeddings get a group of their own."""
     groups = [{"params": list(components.unet.parameters()), "lr": config.learning_rate}]
-    if config.train_text_encoder:
-        groups.append({"params": list(components.text_encoder.parameters()),
-                       "lr": config.text_encoder_learning_rate or config.learning_rate})
+    if not config.train_text_encoder:
+        return groups
+    text_encoder_rate = config.text_encoder_learning_rate or config.learning_rate
+    embeddings = components.text_encoder.get_input_embeddings().weight
+    if config.token_embedding_learning_rate is None:
+        groups.append({"params": list(components.text_encoder.parameters()), "lr": text_encoder_rate})
+        return groups
+    rest = [p for p in components.text_encoder.parameters() if p is not embeddings]
+    groups.append({"params": rest, "lr": text_encoder_rate})
+    # No weight decay: rows of words absent from the prompts get no gradient and must stay as they are.
+    groups.append({"params": [embeddings], "lr": config.token_embedding_learning_rate, "weight_decay": 0.0})
     return groups
 
 
