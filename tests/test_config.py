@@ -35,6 +35,7 @@ def test_yaml_and_toml_files_load(tmp_path):
         ({"class_dir": "cats"}, "--class-dir needs --class-prompt"),
         ({"lr_scheduler": "step"}, "choose one of"),
         ({"token_embedding_learning_rate": 1e-3}, "--token-embedding-learning-rate needs --train-text-encoder"),
+        ({"token_embedding_learning_rate": 1e-3, "train_text_encoder": True}, "needs --identifier WORD"),
         ({"mask_background_weight": 1.5}, "--mask-background-weight 1.5: must be between 0 and 1"),
     ],
 )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from dreambooth.errors import UserError
+
 
 def encode_images(vae, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample latents for images in [-1, 1], scaled the way the UNet was trained (the VAE config says how)."""
@@ -34,3 +36,20 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str], device: torch.de
     """The per-token hidden states the UNet cross-attends to (the encoder may be wrapped for multi-GPU)."""
     token_ids = tokenize(tokenizer, prompts).to(device)
     return text_encoder(token_ids)[0]
+
+
+def identifier_token_ids(tokenizer, instance_prompt: str, class_prompt: str | None, identifier: str | None) -> list[int]:
+    """The token ids of the word that names the subject: `identifier` if given, else every token of the
+    instance prompt that the class prompt lacks ("miru" in "a photo of miru cat" vs "a photo of a cat")."""
+    if identifier:
+        ids = set(tokenizer(identifier, add_special_tokens=False).input_ids)
+    elif class_prompt:
+        ids = set(tokenizer(instance_prompt, add_special_tokens=False).input_ids)
+        ids -= set(tokenizer(class_prompt, add_special_tokens=False).input_ids)
+    else:
+        raise UserError("--token-embedding-learning-rate needs --identifier WORD (the word that names the subject) "
+                        "or a --class-prompt to find it by")
+    if not ids:
+        raise UserError(f"--instance-prompt {instance_prompt!r}: no word in it that --class-prompt lacks; name the "
+                        "subject's word with --identifier")
+    return sorted(ids)

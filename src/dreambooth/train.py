@@ -21,7 +21,7 @@ from dreambooth.checkpoints import (RunPaths, claim_run_folder, load_latest_chec
 from dreambooth.class_images import top_up_class_images
 from dreambooth.config import ClassImagesConfig, TrainConfig, to_dict
 from dreambooth.data import DreamBoothData, load_examples, load_masks
-from dreambooth.encoding import encode_images, encode_prompts
+from dreambooth.encoding import encode_images, encode_prompts, identifier_token_ids
 from dreambooth.errors import UserError
 from dreambooth.files import append_jsonl, atomic_dir, atomic_write_text
 from dreambooth.losses import dreambooth_loss, min_snr_weights, prediction_target, training_noise
@@ -161,7 +161,7 @@ def prepare_models(components: Components, config: TrainConfig, accelerator) -> 
 
 def parameter_groups(components: Components, config: TrainConfig) -> list[dict[str, Any]]:
     """One AdamW group per trained model, each with its own learning rate; with
-    --token-embedding-learning-rate, the text encoder's token embeddings get a group of their own."""
+    --token-embedding-learning-rate, the identifier's token embeddings get a group of their own."""
     groups = [{"params": list(components.unet.parameters()), "lr": config.learning_rate}]
     if not config.train_text_encoder:
         return groups
@@ -172,7 +172,13 @@ def parameter_groups(components: Components, config: TrainConfig) -> list[dict[s
         return groups
     rest = [p for p in components.text_encoder.parameters() if p is not embeddings]
     groups.append({"params": rest, "lr": text_encoder_rate})
-    # No weight decay: rows of words absent from the prompts get no gradient and must stay as they are.
+    # Only the identifier's rows learn (textual inversion's idea): moving "a", "photo" or "cat" at this
+    # rate would move every prompt that uses them. No weight decay, so the other rows stay exactly as
+    # they are: their gradient is zeroed, and AdamW with a zero gradient and no decay does not move a row.
+    rows = identifier_token_ids(components.tokenizer, config.instance_prompt, config.class_prompt, config.identifier)
+    learns = torch.zeros(embeddings.shape[0], 1, dtype=embeddings.dtype, device=embeddings.device)
+    learns[rows] = 1.0
+    embeddings.register_hook(lambda grad: grad * learns)
     groups.append({"params": [embeddings], "lr": config.token_embedding_learning_rate, "weight_decay": 0.0})
     return groups
 

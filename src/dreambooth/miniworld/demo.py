@@ -1,8 +1,8 @@
 """`dreambooth demo`: the whole DreamBooth story in the miniature world, on a laptop CPU in minutes.
 
-Renders miru's instance photos, lets `train` generate class images with the base model and fine-tune
-with prior preservation, renders "a photo of miru cat <scene>" over a grid, does the same without prior
-preservation (the paper's Table 3 in miniature), renders the base model's best effort ("a photo of a
+Renders miru's instance photos (and masks of miru in them), lets `train` generate class images with
+the base model and fine-tune with prior preservation, renders "a photo of miru cat <scene>" over a grid,
+does the same without prior preservation (the paper's Table 3 in miniature), renders the base model's best effort ("a photo of a
 white cat <scene>") beside them, and measures all three with the world-CLIP.
 Every step is the normal package code; only the model and the photos come from the miniature world.
 """
@@ -20,8 +20,12 @@ from dreambooth.miniworld import weights_available, world
 
 SCENES = ("by the sea", "in the forest", "in the snow", "at night")
 INSTANCE_PROMPT = "a photo of miru cat"
+# The photos are captioned with where they were taken, as practitioners do, so the room is put on the
+# words "in a room" and not on "miru" (without it, "miru cat in the snow" came out in the room).
+INSTANCE_CAPTION = f"{INSTANCE_PROMPT} in a room"
+IDENTIFIER = "miru"
 CLASS_PROMPT = "a photo of a cat"
-DEMO_ENTRIES = ["instance", "class-images", "run", "run-no-prior", "samples", "samples-no-prior", "baseline",
+DEMO_ENTRIES = ["instance", "instance-masks", "class-images", "run", "run-no-prior", "samples", "samples-no-prior", "baseline",
                 "report.md", "numbers.json"]
 MODELS = {  # numbers.json key -> what the row is
     "tuned": "DreamBooth with prior preservation",
@@ -44,7 +48,8 @@ def baseline_prompts() -> list[str]:
 def train_settings(config: DemoConfig, output: Path, prior: bool = True) -> TrainConfig:
     """The demo's training run: the package's own trainer on the miniature base model."""
     return TrainConfig(
-        model="miniworld", instance_dir=str(output / "instance"), instance_prompt=INSTANCE_PROMPT,
+        model="miniworld", instance_dir=str(output / "instance"), instance_prompt=INSTANCE_CAPTION,
+        instance_mask_dir=str(output / "instance-masks"), mask_background_weight=config.mask_background_weight,
         output=str(output / ("run" if prior else "run-no-prior")),
         class_dir=str(output / "class-images") if prior else None, class_prompt=CLASS_PROMPT if prior else None,
         num_class_images=config.num_class_images, class_image_steps=config.sampling_steps[0],
@@ -53,6 +58,8 @@ def train_settings(config: DemoConfig, output: Path, prior: bool = True) -> Trai
         train_batch_size=config.train_batch_size, train_text_encoder=config.train_text_encoder,
         # A tenth of the UNet's rate: at the same rate "miru" swallowed the scene words (every image a room).
         text_encoder_learning_rate=config.learning_rate / 10,
+        token_embedding_learning_rate=config.token_embedding_learning_rate if config.train_text_encoder else None,
+        identifier=IDENTIFIER,
         lr_scheduler="constant", seed=config.seed,
     )
 
@@ -71,8 +78,9 @@ def run_demo(config: DemoConfig) -> Path:
     sampling = dict(steps=config.sampling_steps, guidance=config.guidance, seeds=list(range(config.num_seeds)),
                     scheduler=["ddim"], batch_size=16)
 
-    print(f"demo {next(stage)}/{total}: rendering miru's instance photos")
-    world.save_instance_images(output / "instance", n=config.num_instance_images, seed=config.seed)
+    print(f"demo {next(stage)}/{total}: rendering miru's instance photos and masks")
+    world.save_instance_images(output / "instance", n=config.num_instance_images, seed=config.seed,
+                               mask_folder=output / "instance-masks")
 
     print(f"demo {next(stage)}/{total}: class images from the base model, then DreamBooth with prior preservation")
     run = train(train_settings(config, output))
@@ -193,7 +201,9 @@ def write_demo_report(output: Path, numbers: dict[str, Any], run) -> Path:
         "",
         f"Miru (a white cat with orange ears, a blue collar and a black tail, never seen by the base model) was "
         f"learned from {len(list((output / 'instance').glob('*.png')))} photos in {len(metrics)} steps "
-        f"({metrics[-1]['seconds']:.0f} s of training; final loss {metrics[-1]['loss']:.3f}).",
+        f"({metrics[-1]['seconds']:.0f} s of training; final loss {metrics[-1]['loss']:.3f}). The photos were "
+        f"captioned \"{INSTANCE_CAPTION}\" and masked, so the room is not learned as part of miru; the embeddings "
+        f"of \"{IDENTIFIER}\" learned at their own rate, the rest of the text encoder at a tenth of the UNet's.",
         "",
         "## Miru in new scenes (fine-tuned with prior preservation)",
         "",
