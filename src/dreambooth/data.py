@@ -43,16 +43,20 @@ def list_images(folder: str | Path, flag: str) -> list[Path]:
 
 def load_image(path: Path) -> Image.Image:
     """Decode `path` fully into an RGB image with EXIF orientation applied; a UserError naming it if unreadable."""
+    return _decode(path, "image", _to_rgb)
+
+
+def _decode(path: Path, what: str, convert) -> Image.Image:
+    """`convert` of the fully decoded, EXIF-oriented image at `path`, detached from the file."""
     try:
         with Image.open(path) as opened:
             # load() inside the try: Image.open only reads the header, truncation shows up when decoding.
             opened.load()
-            image = ImageOps.exif_transpose(opened)
-            image = _to_rgb(image)
+            image = convert(ImageOps.exif_transpose(opened))
             if image is opened:
                 image = image.copy()  # detach from the file handle the with-block closes
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise UserError(f"{path}: cannot read this image (truncated or not an image); fix or remove it") from err
+        raise UserError(f"{path}: cannot read this {what} (truncated or not an image); fix or remove it") from err
     return image
 
 
@@ -125,7 +129,7 @@ def load_masks(examples: list[Example], folder: str | Path, flag: str) -> list[E
         if path is None:
             raise UserError(f"{flag} {folder}: no mask for {example.path.name}; add {example.path.stem}.png "
                             "(white where the subject is, black elsewhere)")
-        mask = _to_mask(path)
+        mask = _decode(path, "mask", _mask_channel)
         if mask.size != example.image.size:
             raise UserError(f"{path}: the mask is {mask.size[0]}x{mask.size[1]} but {example.path.name} is "
                             f"{example.image.size[0]}x{example.image.size[1]}; save it at the photo's size")
@@ -133,16 +137,10 @@ def load_masks(examples: list[Example], folder: str | Path, flag: str) -> list[E
     return masked
 
 
-def _to_mask(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            image = ImageOps.exif_transpose(opened)
-            if "A" in image.getbands() or "transparency" in image.info:
-                return image.convert("RGBA").getchannel("A")
-            return _to_rgb(image).convert("L")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise UserError(f"{path}: cannot read this mask (truncated or not an image); fix or remove it") from err
+def _mask_channel(image: Image.Image) -> Image.Image:
+    if "A" in image.getbands() or "transparency" in image.info:
+        return image.convert("RGBA").getchannel("A")
+    return _to_rgb(image).convert("L")
 
 
 def _resize_short_side(image: Image.Image, resolution: int) -> Image.Image:
