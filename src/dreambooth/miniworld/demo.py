@@ -2,8 +2,8 @@
 
 Renders miru's instance photos (and masks of miru in them), lets `train` generate class images with
 the base model and fine-tune with prior preservation, renders "a photo of miru cat <scene>" over a grid,
-does the same without prior preservation (the paper's Table 3 in miniature), renders the base model's best effort ("a photo of a
-white cat <scene>") beside them, and measures all three with the world-CLIP.
+does the same without prior preservation (the paper's Table 3 in miniature), renders the base model's
+best effort ("a photo of a white cat <scene>") beside them, and measures all three with the world-CLIP.
 Every step is the normal package code; only the model and the photos come from the miniature world.
 """
 
@@ -25,8 +25,8 @@ INSTANCE_PROMPT = "a photo of miru cat"
 INSTANCE_CAPTION = f"{INSTANCE_PROMPT} in a room"
 IDENTIFIER = "miru"
 CLASS_PROMPT = "a photo of a cat"
-DEMO_ENTRIES = ["instance", "instance-masks", "class-images", "run", "run-no-prior", "samples", "samples-no-prior", "baseline",
-                "report.md", "numbers.json"]
+DEMO_ENTRIES = ["instance", "instance-masks", "class-images", "run", "run-no-prior", "samples", "samples-no-prior",
+                "baseline", "report.md", "numbers.json"]
 MODELS = {  # numbers.json key -> what the row is
     "tuned": "DreamBooth with prior preservation",
     "no_prior": "DreamBooth without prior preservation",
