@@ -95,7 +95,7 @@ class TrainConfig:
     text_encoder_learning_rate: float | None = option(None, "Text-encoder learning rate (default: --learning-rate).", positive=True)
     token_embedding_learning_rate: float | None = option(
         None, "Learning rate of the identifier's token embeddings, the only rows of the embedding table that then "
-              "learn: a rate 10-100x the text encoder's binds the subject's word fast while every other word stays.",
+              "learn: about 100x the text encoder's rate binds the subject's word fast while every other word stays.",
         positive=True)
     identifier: str | None = option(
         None, "The word that names the subject, e.g. miru (default: the words of --instance-prompt that "

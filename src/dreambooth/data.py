@@ -271,16 +271,16 @@ class DreamBoothData:
             mask = self._instance_masks[index] if self.has_masks else None
             image, cut_mask = self._pixels(self._instance_images[index], k, _INSTANCE_AUGMENT, mask)
             pixels.append(image)
-            masks.append(cut_mask if cut_mask is not None else torch.ones_like(image[:1]))
+            masks += [cut_mask] if cut_mask is not None else []
             prompts.append(self.instance[index].prompt)
         if self.classes is not None:
             for k in sample_ids:
                 index = self._pick(k, self.num_class, _CLASS_ORDER)
-                image, _ = self._pixels(self._class_images[index], k, _CLASS_AUGMENT)
-                pixels.append(image)
-                masks.append(torch.ones_like(image[:1]))
+                pixels.append(self._pixels(self._class_images[index], k, _CLASS_AUGMENT)[0])
                 prompts.append(self.classes[index].prompt)
         batch = {"pixel_values": torch.stack(pixels), "prompts": prompts, "num_instance": len(sample_ids)}
         if self.has_masks:
-            batch["masks"] = torch.stack(masks)
+            # Class examples are learned whole.
+            whole = torch.ones(len(pixels) - len(masks), 1, self.resolution, self.resolution)
+            batch["masks"] = torch.cat([torch.stack(masks), whole])
         return batch

@@ -389,10 +389,15 @@ def render_mask(spec: SceneSpec) -> Image.Image:
     return Image.fromarray(covered, mode="L").filter(ImageFilter.MaxFilter(3))
 
 
+def miru_instance_specs(n: int = 5, seed: int = 0, scene: str = "in a room") -> list[SceneSpec]:
+    """N poses of miru; the indoor background by default (the instance images)."""
+    rng = random.Random(seed)
+    return [miru_spec(rng, scene=scene) for _ in range(n)]
+
+
 def miru_instance_images(n: int = 5, seed: int = 0, scene: str = "in a room") -> list[Image.Image]:
     """N photos of miru in varied poses; the indoor background by default (the instance images)."""
-    rng = random.Random(seed)
-    return [Image.fromarray(render(miru_spec(rng, scene=scene))) for _ in range(n)]
+    return [Image.fromarray(render(spec)) for spec in miru_instance_specs(n, seed, scene)]
 
 
 def save_instance_images(folder, n: int = 5, seed: int = 0, mask_folder=None) -> list:
@@ -400,16 +405,14 @@ def save_instance_images(folder, n: int = 5, seed: int = 0, mask_folder=None) ->
     also miru's silhouette in each, under the same names (for `train --instance-mask-dir`)."""
     from pathlib import Path
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
+    folders = [Path(folder)] + ([Path(mask_folder)] if mask_folder is not None else [])
+    for each in folders:
+        each.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i in range(n):
-        spec = miru_spec(rng)
-        paths.append(folder / f"miru-{i:02d}.png")
+    for i, spec in enumerate(miru_instance_specs(n, seed)):
+        paths.append(Path(folder) / f"miru-{i:02d}.png")
         Image.fromarray(render(spec)).save(paths[-1])
         if mask_folder is not None:
-            Path(mask_folder).mkdir(parents=True, exist_ok=True)
             render_mask(spec).save(Path(mask_folder) / paths[-1].name)
     return paths
 
