@@ -61,5 +61,5 @@ def test_miniworld_names_the_shipped_model():
     if weights_available():
         assert resolve_model("miniworld").location == str(base_model_path())
     else:
-        with pytest.raises(UserError, match="--model miniworld: the miniature world's weights are not installed"):
+        with pytest.raises(UserError, match=r"^--model miniworld \(the miniature Stable Diffusion.*not installed"):
             resolve_model("miniworld")

@@ -18,11 +18,11 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
+from dreambooth.aliases import embedding_alias_folder
 from dreambooth.config import EvaluateConfig
 from dreambooth.data import list_images, load_image
 from dreambooth.errors import UserError
 from dreambooth.files import atomic_write_text, read_jsonl
-from dreambooth.miniworld import ALIAS as MINIWORLD
 
 MANIFEST = "manifest.jsonl"  # the name sampling.py writes; not imported so metrics needs no diffusers
 DINO_TYPES = ("vit", "dinov2")  # backbones whose CLS token is the image embedding
@@ -54,7 +54,7 @@ def _load(name: str, flag: str, want: Literal["clip", "dino"]) -> tuple[Any, Any
     """(model, image processor, is_clip) for a hub id or folder; a UserError naming `flag` on any failure."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPImageProcessor, CLIPModel, ViTModel
 
-    source, local = _source(name)
+    source, local = _source(name, flag)
     folder = Path(source)
     if not local and (Path(name).is_absolute() or name.startswith((".", "~"))):
         raise UserError(f"{flag} {name}: folder not found; check the path")
@@ -90,15 +90,12 @@ def _load(name: str, flag: str, want: Literal["clip", "dino"]) -> tuple[Any, Any
     return model.eval(), processor, config.model_type == "clip"
 
 
-def _source(name: str) -> tuple[str, bool]:
-    """(what to pass to from_pretrained, whether it is a local folder): an existing path wins over a hub id.
-
-    `miniworld` names the world-CLIP shipped with the package (it judges images of the miniature world).
-    """
-    if name == MINIWORLD:
-        from dreambooth.miniworld import world_clip_path
-
-        return str(world_clip_path()), world_clip_path().is_dir()
+def _source(name: str, flag: str = "--clip-model") -> tuple[str, bool]:
+    """(what to pass to from_pretrained, whether it is a local folder): a registered alias (`dreambooth.aliases`,
+    e.g. `miniworld` for the world-CLIP) first, then an existing path, then a hub id."""
+    alias_folder = embedding_alias_folder(name, flag)
+    if alias_folder is not None:
+        return str(alias_folder), True
     folder = Path(name).expanduser()
     return (str(folder), True) if folder.exists() else (name, False)
 

@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 import torch
 
+from dreambooth.aliases import model_alias_folder
 from dreambooth.errors import UserError
-from dreambooth.miniworld import ALIAS as MINIWORLD
 
 Family = Literal["sd", "sdxl"]
 SourceKind = Literal["folder", "single_file", "hub"]
@@ -61,14 +61,11 @@ class Components:
 def resolve_model(model: str, allow_pickle: bool = False) -> ModelSource:
     """Decide what kind of MODEL the user named, or explain in one line why it is not one.
 
-    `miniworld` names the miniature Stable Diffusion shipped with the package.
+    A registered alias (`dreambooth.aliases`, e.g. `miniworld`) names a pipeline folder and comes first.
     """
-    if model == MINIWORLD:
-        from dreambooth.miniworld import base_model_path
-
-        if not (base_model_path() / "model_index.json").is_file():
-            raise UserError("--model miniworld: the miniature world's weights are not installed in this package")
-        return ModelSource("folder", str(base_model_path()), "sd", model)
+    alias_folder = model_alias_folder(model)
+    if alias_folder is not None:
+        return ModelSource("folder", str(alias_folder), _folder_family(alias_folder), model)
     path = Path(model).expanduser()
     if path.is_file():
         suffix = path.suffix.lower()

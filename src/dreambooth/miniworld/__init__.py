@@ -2,6 +2,7 @@
 
 `base_model_path()` is a diffusers folder (`StableDiffusionPipeline.from_pretrained` loads it offline);
 `world_clip_path()` is a transformers CLIPModel + CLIPTokenizer folder that judges images of the world.
+`register_aliases` (the package's `dreambooth.aliases` entry point) names both `miniworld` for the core.
 Kept free of torch imports so that importing the paths is cheap.
 """
 
@@ -26,3 +27,11 @@ def world_clip_path() -> Path:
 def weights_available() -> bool:
     """True once pretraining has been run and its weights copied into the package."""
     return (base_model_path() / "model_index.json").exists() and (world_clip_path() / "config.json").exists()
+
+
+def register_aliases() -> None:
+    """`--model miniworld` is the miniature Stable Diffusion; `--clip-model` / `--dino-model miniworld` the world-CLIP."""
+    from dreambooth.aliases import register_embedding_alias, register_model_alias
+
+    register_model_alias(ALIAS, base_model_path, "the miniature Stable Diffusion shipped with the package")
+    register_embedding_alias(ALIAS, world_clip_path, "the world-CLIP shipped with the package")
