@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,21 @@ def atomic_write_text(path: Path, text: str) -> None:
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON line; a crash can lose at most this line, never corrupt earlier ones."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+    with open(path, "ab+") as handle:  # append mode: every write goes to the end, whatever was read
+        # A crash may have left a torn last line without its newline: start a new line, so this record
+        # is not glued onto the torn one (read_jsonl would skip both).
+        size = handle.seek(0, os.SEEK_END)
+        torn = False
+        if size:
+            handle.seek(size - 1)
+            torn = handle.read(1) != b"\n"
+        handle.write((("\n" if torn else "") + json.dumps(record) + "\n").encode("utf-8"))
         handle.flush()
+
+
+def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    """Replace `path` with these JSON lines in one rename: for files rewritten whole (trials, metric rows)."""
+    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
