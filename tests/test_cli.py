@@ -67,6 +67,7 @@ def bad_inputs(tmp_path: Path, tiny_model: Path, instance_dir: Path) -> list[tup
         (good + ["--max-train-steps", "many"], "invalid int value"),
         (["generate", "--model", str(tiny_model), "--prompt", "p", "--output", str(tmp_path / "g"),
           "--scheduler", "fast"], "--scheduler"),
+        (["demo", "--num-seeds", "0", "--output", str(tmp_path / "d")], "--num-seeds 0"),
     ]
 
 
@@ -91,3 +92,10 @@ def test_debug_shows_the_traceback(tmp_path, instance_dir):
 def test_help_lists_every_flag(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0 and "--model" in result.stdout and "--config" in result.stdout
+
+
+def test_demo_help_lists_the_demo_settings():
+    result = run_cli("demo", "--help")
+    assert result.returncode == 0
+    for flag in ("--max-train-steps", "--token-embedding-learning-rate", "--no-compare-without-prior", "--overwrite"):
+        assert flag in result.stdout, flag

@@ -11,9 +11,9 @@ import json
 
 import pytest
 
-from dreambooth.config import DemoConfig
 from dreambooth.errors import UserError
 from dreambooth.miniworld import weights_available
+from dreambooth.miniworld.demo import DemoConfig
 
 pytestmark = pytest.mark.skipif(not weights_available(), reason="pretrained miniworld weights not shipped yet")
 

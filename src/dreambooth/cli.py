@@ -16,9 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 from dreambooth import __version__
-from dreambooth.config import (ClassImagesConfig, DemoConfig, EvaluateConfig, GenerateConfig, ReportConfig, SweepConfig,
-                               TrainConfig, build_config, cli_fields, flag_name, load_config_file)
+from dreambooth.config import (ClassImagesConfig, EvaluateConfig, GenerateConfig, ReportConfig, SweepConfig, TrainConfig,
+                               build_config, cli_fields, flag_name, load_config_file)
 from dreambooth.errors import UserError
+from dreambooth.miniworld.demo import DemoConfig  # the application shell may import the demo; the core never does
 
 USER_MISTAKE = 2
 
