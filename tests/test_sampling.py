@@ -154,6 +154,16 @@ def test_save_png_writes_text_chunks_and_a1111_parameters(tmp_path):
         assert image.size == (8, 8) and image.text == {"seed": "1"}
 
 
+def test_save_png_that_fails_leaves_the_old_image_and_no_temp_file(tmp_path):
+    path = tmp_path / "img.png"
+    save_png(Image.new("RGB", (8, 8), "blue"), path, {"seed": 1})
+    with pytest.raises(OSError, match="CMYK"):
+        save_png(Image.new("CMYK", (4, 4)), path, {"seed": 2})  # PNG has no CMYK: the encoder fails mid-write
+    with Image.open(path) as image:
+        assert image.size == (8, 8) and image.text == {"seed": "1"}
+    assert [p.name for p in tmp_path.iterdir()] == ["img.png"]
+
+
 # --- grid ---------------------------------------------------------------------------------------------
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dreambooth.files import atomic_write_text, read_jsonl
+from dreambooth.files import atomic_file, atomic_write_text, read_jsonl
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
@@ -19,16 +19,14 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
 
 def write_loss_plot(metrics_path: Path, output: Path) -> Path | None:
     """Plot loss (raw and smoothed) and, with prior preservation, its two terms; None when there is nothing."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state, renders with Agg
 
     records = read_jsonl(metrics_path)
     if not records:
         return None
     steps = [record["step"] for record in records]
-    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
+    figure = Figure(figsize=(7, 4), dpi=100, layout="tight")
+    axis = figure.add_subplot()
     axis.plot(steps, [r["loss"] for r in records], color="tab:blue", alpha=0.25, linewidth=1)
     axis.plot(steps, smooth([r["loss"] for r in records]), color="tab:blue", label="loss (smoothed)")
     if any("prior_loss" in r for r in records):
@@ -38,12 +36,8 @@ def write_loss_plot(metrics_path: Path, output: Path) -> Path | None:
     axis.set_ylabel("MSE")
     axis.grid(alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp.png")
-    figure.savefig(tmp)
-    plt.close(figure)
-    tmp.replace(output)
+    with atomic_file(output) as tmp:
+        figure.savefig(tmp)
     return output
 
 

@@ -14,11 +14,10 @@ from tqdm.auto import tqdm
 from dreambooth.config import ClassImagesConfig
 from dreambooth.data import IMAGE_SUFFIXES
 from dreambooth.errors import UserError
-from dreambooth.files import append_jsonl
+from dreambooth.files import MANIFEST, append_jsonl
 from dreambooth.models import default_device, inference_dtype, load_pipeline, resolve_model, without_safety_checker
 from dreambooth.sampling import SamplingSetting, render, save_png
 
-MANIFEST = "manifest.jsonl"
 GENERATED_NAME = re.compile(r"^class-(\d{5,})\.png$")
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -22,10 +20,9 @@ from tqdm.auto import tqdm
 
 from dreambooth.config import SCHEDULER_NAMES, GenerateConfig
 from dreambooth.errors import UserError
-from dreambooth.files import append_jsonl, move_aside
+from dreambooth.files import MANIFEST, append_jsonl, atomic_file, move_aside
 from dreambooth.models import default_device, inference_dtype, load_pipeline
 
-MANIFEST = "manifest.jsonl"
 IMAGES = "images"
 GRID = "grid.png"
 GENERATION_FILES = [IMAGES, MANIFEST, GRID]
@@ -151,13 +148,8 @@ def save_png(image: Image.Image, path: Path, metadata: dict) -> None:
         info.add_text(str(key), str(value))  # falls back to an iTXt chunk for non-Latin-1 text
     if "prompt" in metadata and "parameters" not in metadata:
         info.add_text("parameters", a1111_parameters(metadata, image.size))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_file(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _wrap(text: str, font, width: float) -> list[str]:
