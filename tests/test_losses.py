@@ -5,7 +5,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from dreambooth.errors import UserError
-from dreambooth.losses import dreambooth_loss, min_snr_weights, prediction_target, training_noise
+from dreambooth.losses import dreambooth_loss, mask_pixel_weights, min_snr_weights, prediction_target, training_noise
 
 
 def scheduler(prediction_type: str) -> DDPMScheduler:
@@ -101,3 +101,13 @@ def test_pixel_weights_make_a_weighted_mean_that_ignores_zero_weight_pixels():
     # Weight 1 on the right half, 0.1 on the wrong one: (0.1 * 9) / (1 + 0.1), whatever the half's size.
     faint = dreambooth_loss(prediction, target, 2, 1.0, pixel_weights=0.1 + 0.9 * left).loss.item()
     assert faint == pytest.approx(0.9 / 1.1, rel=1e-5)
+
+
+def test_mask_pixel_weights_follow_the_mask_on_the_latent_grid():
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[:, :, :, :16] = 1.0
+    masks[1, :, :, 16:18] = 1.0  # half of latent column 4 (pixels 16-19) on the second example
+    grid = mask_pixel_weights(masks, torch.Size([8, 8]), background_weight=0.2)
+    assert grid.shape == (2, 1, 8, 8)
+    assert torch.all(grid[:, :, :, :4] == 1.0) and torch.allclose(grid[0, :, :, 4:], torch.full((1, 8, 4), 0.2))
+    assert torch.allclose(grid[1, :, :, 4], torch.full((1, 8), 0.2 + 0.8 * 0.5))

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from dreambooth.config import TrainConfig
 from dreambooth.errors import UserError
-from dreambooth.train import mask_weights, train
+from dreambooth.train import train
 
 from conftest import TINY_RESOLUTION, write_images
 
@@ -53,14 +53,14 @@ def test_train_text_encoder_changes_it(tiny_model, instance_dir, tmp_path):
 
 def test_run_folder_holds_every_fixed_name(tiny_model, instance_dir, tmp_path):
     paths = train(make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=3, save_pipeline_at=[2, 3],
-                              validation_prompt=["a photo of miru cat"], validation_every=2, validation_steps=2))
+                              validation_prompt=["a photo of miru cat"], validation_every=2, validation_sampling_steps=2))
     at_step_2 = weights(paths.pipeline_at(2), "unet")
     assert max_difference(at_step_2, weights(paths.pipeline, "unet")) > 0
     assert max_difference(at_step_2, weights(tiny_model, "unet")) > 0
     assert not paths.pipeline_at(3).exists()  # the last step's pipeline is RUN/pipeline
     records = [json.loads(line) for line in paths.metrics.read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
-    assert set(records[0]) == {"step", "loss", "instance_loss", "lr", "seconds"}
+    assert set(records[0]) == {"step", "loss", "instance_loss", "lr", "grad_norm", "seconds"}
     assert records[0]["loss"] == pytest.approx(records[0]["instance_loss"])
     recorded = yaml.safe_load(paths.config.read_text())
     assert recorded["max_train_steps"] == 3 and recorded["_run"]["dreambooth_version"]
@@ -162,18 +162,6 @@ def test_masks_reach_the_loss(tiny_model, instance_dir, tmp_path):
     assert losses[2] == 0.0  # no subject and no background weight: nothing left to learn
     assert max_difference(weights(plain.pipeline, "unet"), weights(whole.pipeline, "unet")) < 1e-5
     assert max_difference(weights(tiny_model, "unet"), weights(nothing.pipeline, "unet")) == 0.0
-
-
-def test_mask_weights_follow_the_mask_on_the_latent_grid():
-    masks = torch.zeros(2, 1, 32, 32)
-    masks[:, :, :, :16] = 1.0
-    masks[1, :, :, 16:18] = 1.0  # half of latent column 4 (pixels 16-19) on the second example
-    config = TrainConfig(model="m", instance_dir="i", instance_prompt="p", output="o", mask_background_weight=0.2)
-    grid = mask_weights({"masks": masks}, torch.Size([8, 8]), config)
-    assert grid.shape == (2, 1, 8, 8)
-    assert torch.all(grid[:, :, :, :4] == 1.0) and torch.allclose(grid[0, :, :, 4:], torch.full((1, 8, 4), 0.2))
-    assert torch.allclose(grid[1, :, :, 4], torch.full((1, 8), 0.2 + 0.8 * 0.5))
-    assert mask_weights({}, torch.Size([8, 8]), config) is None
 
 
 def test_v_prediction_model_trains(tiny_vpred_model, instance_dir, tmp_path):

@@ -22,7 +22,7 @@ STATE_FILE = "state.json"
 # Settings that may change between a run and its resumption without making it a different run.
 RESUMABLE_CHANGES = {
     "resume", "overwrite", "max_train_steps", "save_pipeline_at", "checkpoint_every", "keep_checkpoints",
-    "validation_prompt", "validation_every", "validation_seeds", "validation_steps",
+    "validation_prompt", "validation_every", "validation_seeds", "validation_sampling_steps",
 }
 
 

@@ -29,6 +29,13 @@ LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
+# Settings that were renamed: the old name, as a flag or a config-file key, fails with this one line.
+RENAMED = {
+    "validation_steps": "--validation-steps is now --validation-sampling-steps (sampling steps of each validation "
+                        "image); how often to render validation images is --validation-every",
+}
+
+
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
            positive: bool = False, non_negative: bool = False, cli: bool = True, positional: bool = False) -> Any:
     """A dataclass field carrying its CLI help and simple validation rules (positional: `cmd VALUE`, not `--flag`)."""
@@ -119,7 +126,7 @@ class TrainConfig:
     validation_prompt: list[str] = option([], "Prompts to render during training (repeat or list several).")
     validation_every: int = option(0, "Render validation images every N steps (0: only at the end).", non_negative=True)
     validation_seeds: list[int] = option([0, 1], "Seeds of the validation images.")
-    validation_steps: int = option(25, "Sampling steps of validation images.", positive=True)
+    validation_sampling_steps: int = option(25, "Sampling steps of validation images.", positive=True)
     seed: int = option(0, "Seed for data order, noise and timesteps: the same seed gives the same run.")
     allow_pickle: bool = option(False, "Allow loading a pickled .ckpt model (runs code from the file).")
 
@@ -144,6 +151,16 @@ class TrainConfig:
     @property
     def with_prior_preservation(self) -> bool:
         return bool(self.class_prompt)
+
+
+def class_images_config(config: TrainConfig) -> ClassImagesConfig:
+    """The class-image settings a training run implies (the same as `dreambooth class-images` with them)."""
+    return ClassImagesConfig(
+        model=config.model, prompt=config.class_prompt, output=config.class_dir,
+        num_images=config.num_class_images, steps=config.class_image_steps, guidance=config.class_image_guidance,
+        batch_size=config.class_image_batch_size, seed=config.seed, scheduler=config.class_image_scheduler,
+        allow_pickle=config.allow_pickle,
+    )
 
 
 @dataclass
@@ -269,6 +286,8 @@ def build_config(cls: type, file_values: dict[str, Any], overrides: dict[str, An
     values: dict[str, Any] = {}
     for key, value in file_values.items():
         name = key.replace("-", "_")
+        if name in RENAMED:
+            raise UserError(f"{source}: key '{key}': {RENAMED[name]}")
         if name not in fields:
             raise UserError(f"{source}: unknown key '{key}' (known keys: {', '.join(sorted(fields))})")
         values[name] = coerce(value, hints[name], f"{source}: key '{key}'")

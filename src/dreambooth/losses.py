@@ -1,5 +1,5 @@
-"""Pure functions of the training objective: the noise, the prediction target, the DreamBooth loss and
-Min-SNR weights."""
+"""Pure functions of the training objective: the noise, the prediction target, the DreamBooth loss, mask
+weights and Min-SNR weights."""
 
 from __future__ import annotations
 
@@ -60,6 +60,14 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
     if noise_scheduler.config.prediction_type == "v_prediction":
         return clipped / (snr + 1)  # a v target already carries a factor of (snr + 1)
     return clipped / snr
+
+
+def mask_pixel_weights(masks: torch.Tensor, latent_size: tuple[int, int] | torch.Size,
+                       background_weight: float) -> torch.Tensor:
+    """Per-latent-pixel loss weights from masks [B, 1, H, W] in [0, 1]: 1 on the subject, `background_weight`
+    elsewhere; a latent pixel the mask covers in part gets the share of its area in between."""
+    coverage = torch.nn.functional.interpolate(masks, size=tuple(latent_size), mode="area")
+    return background_weight + (1.0 - background_weight) * coverage
 
 
 def dreambooth_loss(

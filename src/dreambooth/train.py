@@ -14,21 +14,22 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dreambooth import __version__
+from dreambooth import __version__, seeds
 from dreambooth.artifacts import write_loss_plot, write_model_card
 from dreambooth.checkpoints import (RunPaths, claim_run_folder, load_latest_checkpoint, save_checkpoint,
                                     truncate_metrics)
 from dreambooth.class_images import top_up_class_images
-from dreambooth.config import ClassImagesConfig, TrainConfig, to_dict
+from dreambooth.config import TrainConfig, class_images_config, to_dict
 from dreambooth.data import DreamBoothData, load_examples, load_masks
-from dreambooth.encoding import encode_images, encode_prompts, identifier_token_ids
+from dreambooth.encoding import identifier_token_ids
 from dreambooth.errors import UserError
 from dreambooth.files import append_jsonl, atomic_dir, atomic_write_text
-from dreambooth.losses import dreambooth_loss, min_snr_weights, prediction_target, training_noise
 from dreambooth.models import Components, assemble_pipeline, default_device, load_components, load_pipeline
 from dreambooth.sampling import SamplingSetting, render, save_png
+from dreambooth.step import micro_batch_loss, step_settings
 
 VALIDATION_SCHEDULER = "ddim"
+NOISE_STREAM = 4  # seeds.mix stream of the step's latents, noise and timesteps (data.py uses streams 0-3)
 
 
 @dataclass
@@ -38,21 +39,16 @@ class StepResult:
     loss: float
     instance_loss: float
     prior_loss: float | None
+    lr: float  # the UNet's learning rate in this step
+    grad_norm: float | None  # before clipping; None if no micro-batch synchronised the gradients
 
 
 def train(config: TrainConfig) -> RunPaths:
     """Fine-tune `config.model` on the instance images and write a RUN folder; return its paths."""
-    from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
 
     # 1. Claim the run folder before any slow work, so a mistake there fails at once.
-    if config.mixed_precision == "fp16" and default_device().type == "cpu":
-        raise UserError("--mixed-precision fp16 needs a GPU; on a CPU use bf16 or no")
-    try:
-        accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
-                                  mixed_precision=config.mixed_precision)
-    except ValueError as error:
-        raise UserError(f"--mixed-precision {config.mixed_precision}: {error}") from error
+    accelerator = make_accelerator(config)
     paths = RunPaths(Path(config.output))
     settings = to_dict(config)
     if accelerator.is_main_process:
@@ -106,7 +102,7 @@ def train(config: TrainConfig) -> RunPaths:
         result = train_step(step, components, trained, data, optimizer, lr_schedule, accelerator, config)
         seconds = seconds_before + time.monotonic() - started
         if accelerator.is_main_process:
-            append_jsonl(paths.metrics, metrics_record(step, result, lr_schedule.get_last_lr()[0], seconds))
+            append_jsonl(paths.metrics, metrics_record(step, result, seconds))
         progress.update(1)
         progress.set_postfix(loss=f"{result.loss:.4f}")
         if step in config.save_pipeline_at and step < config.max_train_steps and accelerator.is_main_process:
@@ -127,14 +123,22 @@ def train(config: TrainConfig) -> RunPaths:
     return paths
 
 
-def class_images_config(config: TrainConfig) -> ClassImagesConfig:
-    """The class-image settings a training run implies (the same code as `dreambooth class-images`)."""
-    return ClassImagesConfig(
-        model=config.model, prompt=config.class_prompt, output=config.class_dir,
-        num_images=config.num_class_images, steps=config.class_image_steps, guidance=config.class_image_guidance,
-        batch_size=config.class_image_batch_size, seed=config.seed, scheduler=config.class_image_scheduler,
-        allow_pickle=config.allow_pickle,
-    )
+def make_accelerator(config: TrainConfig):
+    """The Accelerator of one run: devices, processes, mixed precision, gradient accumulation."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if config.mixed_precision == "fp16" and default_device().type == "cpu":
+        raise UserError("--mixed-precision fp16 needs a GPU; on a CPU use bf16 or no")
+    # accelerate keeps one process-wide state that refuses a second Accelerator with another mixed precision;
+    # a sweep, the demo or a test trains several runs in one process, so the previous run's state is dropped
+    # (the distributed part, PartialState, is kept).
+    AcceleratorState._reset_state()
+    try:
+        return Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
+                           mixed_precision=config.mixed_precision)
+    except ValueError as error:
+        raise UserError(f"--mixed-precision {config.mixed_precision}: {error}") from error
 
 
 def prepare_models(components: Components, config: TrainConfig, accelerator) -> dict[str, torch.nn.Module]:
@@ -155,8 +159,17 @@ def prepare_models(components: Components, config: TrainConfig, accelerator) -> 
         module.requires_grad_(True)
         module.train()
         if config.gradient_checkpointing:
-            module.gradient_checkpointing_enable()  # diffusers and transformers models both have it
+            enable_gradient_checkpointing(module)
     return trained
+
+
+def enable_gradient_checkpointing(module: torch.nn.Module) -> None:
+    """Recompute activations in the backward pass instead of storing them (diffusers and transformers name
+    the switch differently)."""
+    if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models
+        module.enable_gradient_checkpointing()
+    else:  # transformers models
+        module.gradient_checkpointing_enable()
 
 
 def parameter_groups(components: Components, config: TrainConfig) -> list[dict[str, Any]]:
@@ -184,8 +197,8 @@ def parameter_groups(components: Components, config: TrainConfig) -> list[dict[s
 
 
 def step_generator(seed: int, step: int, micro_step: int, process: int) -> torch.Generator:
-    """The random stream of one micro-batch on one process; a pure function of its coordinates."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro_step) * 101 + process)
+    """The random stream of one micro-batch on one process: a pure function of its coordinates."""
+    return seeds.generator(seed, NOISE_STREAM, step, micro_step, process)
 
 
 def sample_ids(step: int, micro_step: int, config: TrainConfig, accelerator) -> list[int]:
@@ -198,17 +211,20 @@ def sample_ids(step: int, micro_step: int, config: TrainConfig, accelerator) -> 
 def train_step(step: int, components: Components, trained: dict[str, torch.nn.Module], data: DreamBoothData,
                optimizer, lr_schedule, accelerator, config: TrainConfig) -> StepResult:
     """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean losses."""
+    settings = step_settings(config)
+    lr = lr_schedule.get_last_lr()[0]  # the rate this step applies (the schedule moves on after it)
     totals = {"loss": 0.0, "instance": 0.0, "prior": 0.0}
-    has_prior = False
+    has_prior, grad_norm = False, None
     for micro_step in range(config.gradient_accumulation_steps):
         batch = data.batch(sample_ids(step, micro_step, config, accelerator))
         generator = step_generator(config.seed, step, micro_step, accelerator.process_index)
         with accelerator.accumulate(*trained.values()):
-            parts = micro_step_loss(batch, generator, components, accelerator, config)
+            parts = micro_batch_loss(batch, generator, components, settings, accelerator.device, accelerator.autocast)
             accelerator.backward(parts.loss)
-            if accelerator.sync_gradients and config.max_grad_norm > 0:
+            if accelerator.sync_gradients:
                 params = [p for module in trained.values() for p in module.parameters()]
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                # An infinite limit measures the norm without clipping it.
+                grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
             optimizer.step()
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -218,41 +234,8 @@ def train_step(step: int, components: Components, trained: dict[str, torch.nn.Mo
             has_prior = True
             totals["prior"] += accelerator.gather(parts.prior_loss.detach()).mean().item()
     count = config.gradient_accumulation_steps
-    return StepResult(totals["loss"] / count, totals["instance"] / count, totals["prior"] / count if has_prior else None)
-
-
-def micro_step_loss(batch: dict[str, Any], generator: torch.Generator, components: Components, accelerator,
-                    config: TrainConfig):
-    """encode -> noise -> predict -> loss for one micro-batch."""
-    scheduler = components.noise_scheduler
-    with torch.no_grad():
-        latents = encode_images(components.vae, batch["pixel_values"], generator).float()
-    noise = torch.randn(latents.shape, generator=generator)
-    if config.offset_noise:
-        # Offset noise lets the model shift a whole image's brightness (very dark or bright subjects).
-        noise = noise + config.offset_noise * torch.randn(latents.shape[:2] + (1, 1), generator=generator)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
-    latents, noise, timesteps = (t.to(accelerator.device) for t in (latents, noise, timesteps))
-    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-    with torch.set_grad_enabled(config.train_text_encoder):
-        hidden_states = encode_prompts(components.text_encoder, components.tokenizer, batch["prompts"], accelerator.device)
-    with accelerator.autocast():
-        prediction = components.unet(noisy_latents, timesteps, hidden_states).sample
-    target = prediction_target(scheduler, latents, noise, timesteps)
-    weights = min_snr_weights(scheduler, timesteps, config.snr_gamma) if config.snr_gamma else None
-    prior_weight = config.prior_loss_weight if config.with_prior_preservation else 0.0
-    return dreambooth_loss(prediction, target, batch["num_instance"], prior_weight, weights,
-                           pixel_weights=mask_weights(batch, latents.shape[-2:], config))
-
-
-def mask_weights(batch: dict[str, Any], latent_size: torch.Size, config: TrainConfig) -> torch.Tensor | None:
-    """Per-latent-pixel loss weights from the batch's masks: 1 on the subject, --mask-background-weight
-    elsewhere (the share of each latent pixel's area the mask covers decides between them)."""
-    if "masks" not in batch:
-        return None
-    coverage = torch.nn.functional.interpolate(batch["masks"], size=tuple(latent_size), mode="area")
-    background = config.mask_background_weight
-    return background + (1.0 - background) * coverage
+    return StepResult(totals["loss"] / count, totals["instance"] / count, totals["prior"] / count if has_prior else None,
+                      lr, float(grad_norm) if grad_norm is not None else None)
 
 
 def needs_checkpoint(step: int, config: TrainConfig) -> bool:
@@ -266,11 +249,11 @@ def needs_validation(step: int, config: TrainConfig) -> bool:
     return periodic or step == config.max_train_steps
 
 
-def metrics_record(step: int, result: StepResult, lr: float, seconds: float) -> dict[str, Any]:
+def metrics_record(step: int, result: StepResult, seconds: float) -> dict[str, Any]:
     record: dict[str, Any] = {"step": step, "loss": result.loss, "instance_loss": result.instance_loss}
     if result.prior_loss is not None:
         record["prior_loss"] = result.prior_loss
-    record.update(lr=lr, seconds=round(seconds, 3))
+    record.update(lr=result.lr, grad_norm=result.grad_norm, seconds=round(seconds, 3))
     return record
 
 
@@ -283,7 +266,7 @@ def write_validation_images(components: Components, accelerator, paths: RunPaths
     unwrapped = {name: accelerator.unwrap_model(getattr(components, name)) for name in ("unet", "text_encoder")}
     view = Components(**{**components.__dict__, **unwrapped})
     pipeline = assemble_pipeline(view)
-    setting = SamplingSetting(config.validation_steps, 7.5, VALIDATION_SCHEDULER)
+    setting = SamplingSetting(config.validation_sampling_steps, 7.5, VALIDATION_SCHEDULER)
     for module in unwrapped.values():
         module.eval()
     with atomic_dir(paths.validation_step(step)) as folder, accelerator.autocast():

@@ -1,0 +1,85 @@
+"""The loss of one micro-batch, as one pure function: encode -> noise -> timesteps -> predict -> target ->
+weights -> loss.
+
+No Accelerator, optimizer or run folder lives here: the same function serves `train` (which adds
+gradient accumulation, clipping and the optimizer step around it) and the miniature world's pretraining,
+and a test can call it on a tiny model and compare it with a computation by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from dreambooth.config import TrainConfig
+from dreambooth.encoding import encode_images, encode_prompts
+from dreambooth.losses import LossParts, dreambooth_loss, mask_pixel_weights, min_snr_weights, prediction_target
+from dreambooth.losses import training_noise
+
+
+class StepModels(Protocol):
+    """What the loss needs of a pipeline's parts (`models.Components` has them)."""
+
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: Any  # a DDPMScheduler: it adds the noise and knows the prediction type
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """Every setting the loss of one micro-batch depends on."""
+
+    prior_loss_weight: float = 1.0  # weight of the class examples' term (only used when the batch has some)
+    offset_noise: float = 0.0
+    offset_noise_levels: int = 1
+    snr_gamma: float | None = None  # Min-SNR-gamma weighting; None weighs every timestep alike
+    mask_background_weight: float = 0.1  # loss weight outside the subject, for batches that carry masks
+    text_encoder_grad: bool = False  # backpropagate into the text encoder (it is being trained)
+
+
+def step_settings(config: TrainConfig) -> StepSettings:
+    """The loss settings of a training run."""
+    return StepSettings(
+        prior_loss_weight=config.prior_loss_weight,
+        offset_noise=config.offset_noise,
+        offset_noise_levels=config.offset_noise_levels,
+        snr_gamma=config.snr_gamma,
+        mask_background_weight=config.mask_background_weight,
+        text_encoder_grad=config.train_text_encoder,
+    )
+
+
+def micro_batch_loss(batch: dict[str, Any], generator: torch.Generator, models: StepModels, settings: StepSettings,
+                     device: torch.device | str = "cpu",
+                     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> LossParts:
+    """The DreamBooth loss of one batch from `data.DreamBoothData.batch` (pixel_values, prompts, num_instance
+    and optionally masks). Every random number comes from `generator`, in this order: the VAE's latent
+    sample, the noise, the timesteps; so the same generator state gives the same loss."""
+    scheduler = models.noise_scheduler
+    # 1. Encode: a latent drawn from the frozen VAE's distribution.
+    with torch.no_grad():
+        latents = encode_images(models.vae, batch["pixel_values"], generator).float()
+    # 2. Noise and timesteps.
+    noise = training_noise(latents.shape, generator, settings.offset_noise, settings.offset_noise_levels)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    latents, noise, timesteps = (tensor.to(device) for tensor in (latents, noise, timesteps))
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    # 3. Predict, conditioned on the prompts.
+    with torch.set_grad_enabled(settings.text_encoder_grad and torch.is_grad_enabled()):
+        hidden_states = encode_prompts(models.text_encoder, models.tokenizer, batch["prompts"], device)
+    with autocast():
+        prediction = models.unet(noisy_latents, timesteps, hidden_states).sample
+    # 4. What the prediction should have been, and how much each example and pixel counts.
+    target = prediction_target(scheduler, latents, noise, timesteps)
+    example_weights = min_snr_weights(scheduler, timesteps, settings.snr_gamma) if settings.snr_gamma else None
+    pixel_weights = None
+    if "masks" in batch:
+        pixel_weights = mask_pixel_weights(batch["masks"], latents.shape[-2:], settings.mask_background_weight)
+    return dreambooth_loss(prediction, target, batch["num_instance"], settings.prior_loss_weight, example_weights,
+                           pixel_weights=pixel_weights)

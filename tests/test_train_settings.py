@@ -1,0 +1,420 @@
+"""Every training setting does what it says: one row per TrainConfig field that changes training.
+
+Each row runs the real `train` on the tiny model and checks the setting's effect against an independent
+computation written out by hand below (`hand_first_step`): the first step's loss, its gradient and the
+AdamW update it implies, or the learning rate and gradient norm the optimizer saw at each step. The hand
+computation shares only the documented random-draw contract with the package (which seed each draw comes
+from, `seeds.mix`), not its code: a setting that stops working changes one side only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from dreambooth.config import TrainConfig
+from dreambooth.seeds import mix
+from dreambooth.train import train
+
+from conftest import TINY_RESOLUTION
+
+R = TINY_RESOLUTION
+INSTANCE_PROMPT = "a photo of miru cat"
+CLASS_PROMPT = "a photo of a cat"
+NOISE_STREAM = 4  # the step's stream in seeds.mix (train.NOISE_STREAM); data uses streams 0-3
+
+
+# ------------------------------------------------------------------------------------------------------
+# Data written for these tests: photos larger than the resolution and not square, so resizing and
+# cropping matter; masks; class images.
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("settings-data")
+    rng = np.random.default_rng(5)
+    for folder in ("instance", "masks", "classes"):
+        (root / folder).mkdir()
+    for i, (width, height) in enumerate([(44, 36), (36, 52), (40, 40)]):
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "instance" / f"photo{i}.png")
+        mask = np.zeros((height, width), dtype=np.uint8)
+        mask[height // 4 : height * 3 // 4, width // 5 : width * 3 // 5] = 255
+        Image.fromarray(mask).save(root / "masks" / f"photo{i}.png")
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (R, R + 8, 3), dtype=np.uint8)).save(root / "classes" / f"cat{i}.png")
+    return root
+
+
+def settings(model: Path, data: dict, output: Path, **overrides) -> TrainConfig:
+    values = dict(model=str(model), instance_dir=str(data / "instance"), instance_prompt=INSTANCE_PROMPT,
+                  output=str(output), resolution=R, max_train_steps=1, learning_rate=1e-3, seed=3,
+                  adam_weight_decay=0.0)
+    values.update(overrides)
+    if values.get("class_prompt"):
+        values.update(class_dir=str(data / "classes"), num_class_images=3)  # no class image is generated
+    if values.pop("masked", False):
+        values["instance_mask_dir"] = str(data / "masks")
+    return TrainConfig(**values)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Observing the trainer from outside: every optimizer step and the inputs of the VAE and UNet.
+
+
+@dataclass
+class Observed:
+    steps: list[dict] = field(default_factory=list)  # per optimizer step: group lrs, decays, gradient norm
+    vae_inputs: list[torch.Tensor] = field(default_factory=list)
+    unet_layer_dtypes: set = field(default_factory=set)
+    checkpointing: set = field(default_factory=set)
+
+
+@contextlib.contextmanager
+def observe():
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.autoencoders.vae import Encoder
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    seen = Observed()
+    unet_layers: set[int] = set()
+
+    def before_step(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        seen.steps.append({
+            "lrs": [group["lr"] for group in optimizer.param_groups],
+            "weight_decays": [group["weight_decay"] for group in optimizer.param_groups],
+            "sizes": [sum(p.numel() for p in group["params"]) for group in optimizer.param_groups],
+            "grad_norm": float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))),
+        })
+
+    def before_forward(module, args):
+        if isinstance(module, UNet2DConditionModel):
+            unet_layers.update(id(layer) for layer in module.modules())
+            seen.checkpointing.add(module.is_gradient_checkpointing)
+
+    def after_forward(module, args, output):
+        if isinstance(module, Encoder):
+            seen.vae_inputs.append(args[0].detach().clone())
+        elif isinstance(module, torch.nn.Linear) and id(module) in unet_layers:
+            seen.unet_layer_dtypes.add(output.dtype)
+
+    handles = [register_optimizer_step_pre_hook(before_step), register_module_forward_pre_hook(before_forward),
+               register_module_forward_hook(after_forward)]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def recorded(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def saved(run: Path, component: str) -> dict[str, torch.Tensor]:
+    (file,) = (run / "pipeline" / component).glob("*.safetensors")
+    return load_file(file)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The first step, by hand.
+
+
+def hand_pixels(path: Path, sample_id: int, stream: int, config: TrainConfig, grey: bool = False) -> torch.Tensor:
+    """The documented augmentation: short side resized to the resolution (Lanczos), then with a generator
+    seeded mix(seed, stream, sample id): a flip draw (always made), then the crop's top and left."""
+    image = Image.open(path).convert("L" if grey else "RGB")
+    width, height = image.size
+    scale = R / min(width, height)
+    if min(width, height) != R:
+        image = image.resize((max(R, round(width * scale)), max(R, round(height * scale))), Image.Resampling.LANCZOS)
+    width, height = image.size
+    generator = torch.Generator().manual_seed(mix(config.seed, stream, sample_id))
+    flip = bool(torch.rand((), generator=generator) < 0.5) and config.random_flip
+    if config.center_crop:
+        top, left = (height - R) // 2, (width - R) // 2
+    else:
+        top = int(torch.randint(0, height - R + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - R + 1, (1,), generator=generator))
+    pixels = torch.from_numpy(np.array(image.crop((left, top, left + R, top + R)), dtype=np.float32))
+    pixels = pixels.unsqueeze(0) if grey else pixels.permute(2, 0, 1)
+    return pixels.flip(-1) if flip else pixels
+
+
+def hand_pick(sample_id: int, count: int, stream: int, seed: int) -> int:
+    """Sample id k takes item perm[k mod n] of the permutation drawn for epoch k // n."""
+    epoch, position = divmod(sample_id, count)
+    return int(torch.randperm(count, generator=torch.Generator().manual_seed(mix(seed, stream, epoch)))[position])
+
+
+def hand_batch(config: TrainConfig, sample_ids: list[int]) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+    photos = sorted(Path(config.instance_dir).glob("*.png"))
+    pixels, prompts, masks = [], [], []
+    for k in sample_ids:
+        photo = photos[hand_pick(k, len(photos), 0, config.seed)]
+        pixels.append(hand_pixels(photo, k, 1, config) / 127.5 - 1)
+        prompts.append(config.instance_prompt)
+        if config.instance_mask_dir:
+            masks.append(hand_pixels(Path(config.instance_mask_dir) / photo.name, k, 1, config, grey=True) / 255)
+    if config.class_prompt:
+        cats = sorted(Path(config.class_dir).glob("*.png"))
+        for k in sample_ids:
+            pixels.append(hand_pixels(cats[hand_pick(k, len(cats), 2, config.seed)], k, 3, config) / 127.5 - 1)
+            prompts.append(config.class_prompt)
+            masks += [torch.ones(1, R, R)] if config.instance_mask_dir else []
+    return torch.stack(pixels), prompts, torch.stack(masks) if masks else None
+
+
+@dataclass
+class HandStep:
+    loss: float
+    instance_loss: float
+    prior_loss: float | None
+    grads: dict[str, dict[str, torch.Tensor]]  # component -> parameter name -> gradient of the step's loss
+    base: dict[str, dict[str, torch.Tensor]]  # component -> parameter name -> value before the step
+    pixels: torch.Tensor  # the first micro-batch's images
+    identifier_rows: list[int]
+
+
+def hand_first_step(model: Path, config: TrainConfig) -> HandStep:
+    """Step 1's loss and gradients with freshly loaded models, written out from the papers' formulas."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    vae = AutoencoderKL.from_pretrained(model / "vae")
+    unet = UNet2DConditionModel.from_pretrained(model / "unet")
+    text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer")
+    alphas_cumprod = DDPMScheduler.from_pretrained(model / "scheduler").alphas_cumprod
+    v_prediction = DDPMScheduler.from_pretrained(model / "scheduler").config.prediction_type == "v_prediction"
+    text_encoder.requires_grad_(config.train_text_encoder)
+    identifier_rows = sorted(set(tokenizer("miru", add_special_tokens=False).input_ids))
+
+    micro_losses, instance_terms, prior_terms, first_pixels = [], [], [], None
+    for micro_step in range(config.gradient_accumulation_steps):
+        ids = [micro_step * config.train_batch_size + i for i in range(config.train_batch_size)]
+        pixels, prompts, masks = hand_batch(config, ids)
+        first_pixels = pixels if first_pixels is None else first_pixels
+        generator = torch.Generator().manual_seed(mix(config.seed, NOISE_STREAM, 1, micro_step, 0))
+        # Encode: x0 = (mean + std * z) * scaling_factor.
+        with torch.no_grad():
+            posterior = vae.encode(pixels).latent_dist
+            x0 = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator))
+            x0 = x0 * vae.config.scaling_factor
+        batch, channels, height, width = x0.shape
+        # Noise: Gaussian, plus offset noise constant over the latent, then its halves, quarters...
+        noise = torch.randn(x0.shape, generator=generator)
+        for level in range(config.offset_noise_levels if config.offset_noise else 0):
+            cells = 2**level
+            coarse = torch.randn(batch, channels, cells, cells, generator=generator)
+            blocks = coarse.repeat_interleave(height // cells, dim=2).repeat_interleave(width // cells, dim=3)
+            noise = noise + config.offset_noise / cells * blocks
+        t = torch.randint(0, 1000, (batch,), generator=generator)
+        alpha_bar = alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+        # Predict from the prompts' hidden states.
+        tokens = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        prediction = unet(noisy, t, text_encoder(tokens.input_ids)[0]).sample
+        target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0 if v_prediction else noise
+        squared = (prediction - target) ** 2
+        if masks is not None:  # each latent pixel weighs in with the mask's share of its 2x2 pixels
+            background = config.mask_background_weight
+            weight = (background + (1 - background) * torch.nn.functional.avg_pool2d(masks, 2)).expand_as(squared)
+            per_example = (squared * weight).sum(dim=(1, 2, 3)) / weight.sum(dim=(1, 2, 3))
+        else:
+            per_example = squared.mean(dim=(1, 2, 3))
+        if config.snr_gamma:  # Min-SNR: min(snr, gamma) / snr, or / (snr + 1) for a v target
+            snr = alpha_bar.flatten() / (1 - alpha_bar.flatten())
+            per_example = per_example * torch.clamp(snr, max=config.snr_gamma) / (snr + 1 if v_prediction else snr)
+        instance = per_example[: config.train_batch_size].mean()
+        prior = per_example[config.train_batch_size :].mean() if config.class_prompt else None
+        micro_losses.append(instance + config.prior_loss_weight * prior if prior is not None else instance)
+        instance_terms.append(float(instance))
+        prior_terms += [float(prior)] if prior is not None else []
+    loss = torch.stack(micro_losses).mean()
+    loss.backward()
+    components = {"unet": unet} | ({"text_encoder": text_encoder} if config.train_text_encoder else {})
+    grads = {name: {key: p.grad.clone() for key, p in module.named_parameters()} for name, module in components.items()}
+    if config.token_embedding_learning_rate:
+        (embedding,) = [g for key, g in grads["text_encoder"].items() if key.endswith("token_embedding.weight")]
+        keep = torch.zeros(embedding.shape[0], 1)
+        keep[identifier_rows] = 1
+        embedding.mul_(keep)  # only the identifier's rows learn
+    base = {name: {key: p.detach().clone() for key, p in module.named_parameters()} for name, module in components.items()}
+    return HandStep(float(loss), float(np.mean(instance_terms)), float(np.mean(prior_terms)) if prior_terms else None,
+                    grads, base, first_pixels, identifier_rows)
+
+
+def hand_adamw_update(hand: HandStep, config: TrainConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """Weights after one AdamW step from zero state: m/sqrt(v) is g/|g| once bias-corrected, so every weight
+    moves by lr * g / (|g| + eps) plus decay lr * wd * w; gradients first clipped to max_grad_norm."""
+    norm = math.sqrt(sum(float(g.pow(2).sum()) for grads in hand.grads.values() for g in grads.values()))
+    clip = min(1.0, config.max_grad_norm / (norm + 1e-6)) if config.max_grad_norm else 1.0
+    updated = {}
+    for component, grads in hand.grads.items():
+        rate = config.learning_rate if component == "unet" else (config.text_encoder_learning_rate or config.learning_rate)
+        updated[component] = {}
+        for key, grad in grads.items():
+            lr, decay = rate, config.adam_weight_decay
+            if component == "text_encoder" and key.endswith("token_embedding.weight") and config.token_embedding_learning_rate:
+                lr, decay = config.token_embedding_learning_rate, 0.0
+            grad = grad * clip
+            updated[component][key] = hand.base[component][key] * (1 - lr * decay) - lr * grad / (grad.abs() + 1e-8)
+    return updated
+
+
+def assert_weights_follow_adamw(run: Path, hand: HandStep, config: TrainConfig) -> None:
+    """Weights whose gradient is far above AdamW's eps must match to 0.1% of a step; where the gradient is
+    about eps (sums that cancel to rounding noise), g / (|g| + eps) is rounding noise too, so those are only
+    held to moving at most one step."""
+    smallest_rate = min(r for r in (config.learning_rate, config.text_encoder_learning_rate) if r)
+    for component, expected in hand_adamw_update(hand, config).items():
+        actual = saved(run, component)
+        for key, value in expected.items():
+            error = (actual[key] - value).abs()
+            clear = hand.grads[component][key].abs() > 1e-6
+            assert float(torch.where(clear, error, 0).max()) < 1e-3 * smallest_rate, f"{component} {key}: off the AdamW step"
+            assert float(error.max()) < 2.01 * max(config.learning_rate, config.token_embedding_learning_rate or 0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The table: a row per setting.
+
+
+def check_first_step(run: Path, hand: HandStep, config: TrainConfig, seen: Observed) -> None:
+    """The loss the trainer recorded is the hand loss, and the weights moved as AdamW moves them."""
+    first = recorded(run)[0]
+    assert first["loss"] == pytest.approx(hand.loss, rel=1e-5)
+    assert first["instance_loss"] == pytest.approx(hand.instance_loss, rel=1e-5)
+    if hand.prior_loss is not None:
+        assert first["prior_loss"] == pytest.approx(hand.prior_loss, rel=1e-5)
+    assert len(seen.steps) == config.max_train_steps  # one optimizer step per step, whatever the accumulation
+    if config.max_train_steps == 1:
+        assert_weights_follow_adamw(run, hand, config)
+
+
+def check_pixels(run, hand, config, seen) -> None:
+    check_first_step(run, hand, config, seen)
+    assert torch.allclose(seen.vae_inputs[0], hand.pixels, atol=1e-6)  # exactly the crops and flips by hand
+
+
+def check_learning_rate_schedule(run, hand, config, seen) -> None:
+    """The rate applied at step s (s = 0, 1, ...) is lr * factor(s): warm-up s / w, then the schedule's decay."""
+    total, warmup = config.max_train_steps, config.lr_warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / warmup
+        progress = (step - warmup) / (total - warmup)
+        return {"constant": 1.0, "constant_with_warmup": 1.0, "linear": 1 - progress,
+                "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[config.lr_scheduler]
+
+    expected = [config.learning_rate * factor(step) for step in range(total)]
+    assert [s["lrs"][0] for s in seen.steps] == pytest.approx(expected, abs=1e-12)
+    assert [r["lr"] for r in recorded(run)] == pytest.approx(expected, abs=1e-12)
+
+
+def check_clipping(run, hand, config, seen) -> None:
+    norm = math.sqrt(sum(float(g.pow(2).sum()) for grads in hand.grads.values() for g in grads.values()))
+    assert recorded(run)[0]["grad_norm"] == pytest.approx(norm, rel=1e-4)  # measured before clipping
+    limit = config.max_grad_norm or math.inf
+    assert norm > 1e-3  # so that the row with a 1e-3 limit really clips
+    assert seen.steps[0]["grad_norm"] == pytest.approx(min(norm, limit), rel=1e-4)  # what the optimizer saw
+
+
+def check_groups(run, hand, config, seen) -> None:
+    """Each trained part learns at its own rate; with a token-embedding rate only the identifier's rows move."""
+    check_first_step(run, hand, config, seen)
+    lrs, decays = seen.steps[0]["lrs"], seen.steps[0]["weight_decays"]
+    assert lrs[0] == config.learning_rate and lrs[1] == config.text_encoder_learning_rate
+    if config.token_embedding_learning_rate:
+        assert lrs[2] == config.token_embedding_learning_rate and decays[2] == 0.0
+        (key,) = [key for key in hand.base["text_encoder"] if key.endswith("token_embedding.weight")]
+        moved = (saved(run, "text_encoder")[key] != hand.base["text_encoder"][key]).any(dim=1)
+        assert moved.nonzero().flatten().tolist() == hand.identifier_rows
+
+
+def check_bf16(run, hand, config, seen) -> None:
+    """bf16 autocast: the UNet's layers compute in bfloat16, and the loss is the fp32 loss to bf16 precision."""
+    assert torch.bfloat16 in seen.unet_layer_dtypes
+    loss = recorded(run)[0]["loss"]
+    assert loss != hand.loss and loss == pytest.approx(hand.loss, rel=5e-2)
+
+
+def check_gradient_checkpointing(run, hand, config, seen) -> None:
+    assert seen.checkpointing == {True}
+    check_first_step(run, hand, config, seen)  # the same numbers, recomputed instead of stored
+
+
+ROWS = {  # row -> (model fixture, settings, check)
+    "defaults": ("tiny_model", {}, check_first_step),
+    "learning_rate": ("tiny_model", {"learning_rate": 3e-3}, check_first_step),
+    "adam_weight_decay": ("tiny_model", {"adam_weight_decay": 0.3}, check_first_step),
+    "seed": ("tiny_model", {"seed": 11}, check_first_step),
+    "train_batch_size": ("tiny_model", {"train_batch_size": 2}, check_first_step),
+    "gradient_accumulation_steps": ("tiny_model", {"gradient_accumulation_steps": 2, "max_train_steps": 2},
+                                    check_first_step),
+    "center_crop": ("tiny_model", {"center_crop": True, "train_batch_size": 3}, check_pixels),
+    "random_flip": ("tiny_model", {"random_flip": True, "train_batch_size": 3}, check_pixels),
+    "prior_loss_weight": ("tiny_model", {"class_prompt": CLASS_PROMPT, "prior_loss_weight": 0.4}, check_first_step),
+    "instance_mask_dir": ("tiny_model", {"masked": True, "train_batch_size": 2}, check_first_step),
+    "mask_background_weight": ("tiny_model", {"masked": True, "mask_background_weight": 0.0,
+                                              "class_prompt": CLASS_PROMPT}, check_first_step),
+    "offset_noise": ("tiny_model", {"offset_noise": 0.3}, check_first_step),
+    "offset_noise_levels": ("tiny_model", {"offset_noise": 0.3, "offset_noise_levels": 3}, check_first_step),
+    "snr_gamma": ("tiny_model", {"snr_gamma": 2.0, "train_batch_size": 3}, check_first_step),
+    "v_prediction target": ("tiny_vpred_model", {"train_batch_size": 2}, check_first_step),
+    "snr_gamma, v_prediction": ("tiny_vpred_model", {"snr_gamma": 2.0, "train_batch_size": 3}, check_first_step),
+    "lr_scheduler": ("tiny_model", {"lr_scheduler": "cosine", "max_train_steps": 4}, check_learning_rate_schedule),
+    "lr_warmup_steps": ("tiny_model", {"lr_scheduler": "linear", "lr_warmup_steps": 2, "max_train_steps": 5},
+                        check_learning_rate_schedule),
+    "max_grad_norm": ("tiny_model", {"max_grad_norm": 1e-3}, check_clipping),
+    "max_grad_norm off": ("tiny_model", {"max_grad_norm": 0.0}, check_clipping),
+    "train_text_encoder, text_encoder_learning_rate": (
+        "tiny_model", {"train_text_encoder": True, "text_encoder_learning_rate": 2e-4}, check_groups),
+    "token_embedding_learning_rate, identifier": (
+        "tiny_model", {"train_text_encoder": True, "text_encoder_learning_rate": 2e-4,
+                       "token_embedding_learning_rate": 5e-2, "identifier": "miru"}, check_groups),
+    "mixed_precision bf16": ("tiny_model", {"mixed_precision": "bf16"}, check_bf16),
+    "gradient_checkpointing": ("tiny_model", {"gradient_checkpointing": True}, check_gradient_checkpointing),
+}
+
+
+@pytest.mark.parametrize("row", list(ROWS))
+def test_setting_has_its_effect(row, data, tmp_path, request):
+    fixture, overrides, check = ROWS[row]
+    model = request.getfixturevalue(fixture)
+    config = settings(model, data, tmp_path / "run", **overrides)
+    with observe() as seen:
+        train(config)
+    check(Path(config.output), hand_first_step(model, config), config, seen)
+
+
+def test_every_training_setting_has_a_row():
+    """A new TrainConfig field must get a row here, or be listed as one that does not change the numbers."""
+    import dataclasses
+
+    covered = {name.strip() for row in ROWS for name in row.split(",")} | {"class_prompt", "class_dir"}
+    covered |= {"v_prediction target", "max_grad_norm off", "mixed_precision bf16", "snr_gamma", "defaults"}
+    not_numeric = {  # where they are tested instead
+        "model", "instance_dir", "instance_prompt", "output", "num_class_images", "class_image_steps",
+        "class_image_guidance", "class_image_batch_size", "class_image_scheduler",  # test_class_images.py
+        "resolution",  # every row: the hand pixels are cut at the resolution
+        "max_train_steps",  # the schedule rows count the optimizer steps
+        "save_pipeline_at", "checkpoint_every", "keep_checkpoints", "resume", "overwrite",  # test_train.py
+        "validation_prompt", "validation_every", "validation_seeds", "validation_sampling_steps",  # test_train.py
+        "allow_pickle",  # test_models.py
+    }
+    fields = {spec.name for spec in dataclasses.fields(TrainConfig)}
+    assert fields - not_numeric <= {name.split(" ")[0] for name in covered}
