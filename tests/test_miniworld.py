@@ -134,6 +134,61 @@ def test_pretrain_runs_resumes_and_exports(tmp_path, capsys):
     assert scaling != 0.18215  # measured, not SD's constant
 
 
+def _tiny_training_state(seed: int):
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = get_cosine_schedule_with_warmup(opt, 1, 10)
+    ema = EMAModel(model.parameters(), decay=0.9, use_ema_warmup=True, power=0.75)
+    return {"model": model, "opt": opt, "sched": sched, "ema": ema}
+
+
+def test_pretraining_checkpoints_round_trip_without_pickle(tmp_path):
+    from dreambooth.miniworld.pretrain import load_checkpoint, save_checkpoint
+
+    trained = _tiny_training_state(seed=0)
+    for _ in range(2):
+        trained["model"](torch.randn(5, 4)).pow(2).mean().backward()
+        trained["opt"].step()
+        trained["sched"].step()
+        trained["ema"].step(trained["model"].parameters())
+    save_checkpoint(tmp_path / "stage.pt", 2, **trained)
+    assert [p.name for p in tmp_path.iterdir()] == ["stage.pt"]  # the temporary file is gone
+
+    restored = _tiny_training_state(seed=1)  # other weights, fresh optimizer, schedule and EMA
+    assert load_checkpoint(tmp_path / "stage.pt", **restored) == 2  # load_checkpoint reads with weights_only=True
+    assert torch.equal(restored["model"].weight, trained["model"].weight)
+    restored_adam, trained_adam = restored["opt"].state_dict()["state"][0], trained["opt"].state_dict()["state"][0]
+    assert restored_adam["step"] == 2 and torch.equal(restored_adam["exp_avg"], trained_adam["exp_avg"])
+    assert restored["sched"].last_epoch == 2 and restored["sched"].get_last_lr() == trained["sched"].get_last_lr()
+    assert restored["ema"].optimization_step == 2
+    assert all(torch.equal(a, b) for a, b in zip(restored["ema"].shadow_params, trained["ema"].shadow_params))
+
+
+def test_a_pretraining_checkpoint_holding_an_object_is_refused(tmp_path):
+    import pickle
+
+    from dreambooth.miniworld.pretrain import load_checkpoint
+
+    torch.save({"step": 1, "model": {"weight": torch.zeros(1)}, "extra": random.Random(0)}, tmp_path / "odd.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(tmp_path / "odd.pt", model=torch.nn.Linear(1, 1))
+
+
+def test_each_pretraining_stage_draws_its_own_data():
+    from dreambooth.miniworld.pretrain import STAGE_STREAMS, PretrainConfig, step_rng
+    from dreambooth.seeds import mix
+
+    cfg = PretrainConfig(seed=3)
+    firsts = {stage: step_rng(cfg, stage, 7)[0].random() for stage in STAGE_STREAMS}
+    assert len(set(firsts.values())) == len(STAGE_STREAMS)
+    assert firsts["unet"] == random.Random(mix(3, STAGE_STREAMS["unet"], 7)).random()
+    assert step_rng(cfg, "unet", 7)[1].initial_seed() == mix(3, 4, 7)
+
+
 def test_clip_loss_treats_equal_captions_as_positives():
     from dreambooth.miniworld.pretrain import clip_loss
 

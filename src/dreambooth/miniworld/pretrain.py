@@ -28,7 +28,9 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 from transformers import CLIPTokenizer
 
+from dreambooth.files import atomic_file
 from dreambooth.losses import training_noise
+from dreambooth.seeds import mix
 
 from . import components, world
 
@@ -72,9 +74,13 @@ def log(out: Path, msg: str) -> None:
         f.write(line + "\n")
 
 
+# Each stage's own stream of random draws; fixed numbers, so renaming a stage does not change its data.
+STAGE_STREAMS = {"vae": 1, "decoder": 2, "clip": 3, "unet": 4, "scale": 5}
+
+
 def step_rng(cfg: PretrainConfig, stage: str, step: int) -> tuple[random.Random, torch.Generator]:
     """The data and noise RNGs of one step, independent of whether the run was resumed."""
-    seed = (cfg.seed * 1_000_003 + sum(map(ord, stage)) * 10_007 + step) % (2**31)
+    seed = mix(cfg.seed, STAGE_STREAMS[stage], step)
     return random.Random(seed), torch.Generator().manual_seed(seed)
 
 
@@ -83,15 +89,17 @@ def images_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def save_checkpoint(path: Path, step: int, **state) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"step": step, **{k: v.state_dict() for k, v in state.items()}}, tmp)
-    tmp.replace(path)  # atomic: a run killed mid-save keeps the previous checkpoint
+    """Every object's state_dict in one file; a run killed mid-save keeps the previous checkpoint."""
+    with atomic_file(path) as tmp:
+        torch.save({"step": step, **{k: v.state_dict() for k, v in state.items()}}, tmp)
 
 
 def load_checkpoint(path: Path, **state) -> int:
+    """Restore `state` from `path` and return its step (0 without a checkpoint). Only tensors and plain
+    values are read (weights_only): models, AdamW, LambdaLR schedules and EMAModel keep nothing else."""
     if not path.exists():
         return 0
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     for k, v in state.items():
         v.load_state_dict(ckpt[k])
     return ckpt["step"]
