@@ -6,6 +6,8 @@ import itertools
 import json
 import math
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -229,3 +231,10 @@ def test_evaluate_writes_metrics_jsonl_and_prints_a_table(models, clip_folder, d
     assert "a photo of miru cat" in capsys.readouterr().out
     config.output = str(tmp_path / "elsewhere" / "m.jsonl")
     assert evaluate(config) == tmp_path / "elsewhere" / "m.jsonl" and (tmp_path / "elsewhere" / "m.jsonl").is_file()
+
+
+def test_metrics_imports_without_diffusers():
+    """`evaluate` reads the manifest name from dreambooth.files, so measuring never loads the generator's library."""
+    code = "import sys, dreambooth.metrics; assert 'diffusers' not in sys.modules, 'diffusers imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -22,9 +22,8 @@ from dreambooth.aliases import embedding_alias_folder
 from dreambooth.config import EvaluateConfig
 from dreambooth.data import list_images, load_image
 from dreambooth.errors import UserError
-from dreambooth.files import atomic_write_text, read_jsonl
+from dreambooth.files import MANIFEST, atomic_write_text, read_jsonl
 
-MANIFEST = "manifest.jsonl"  # the name sampling.py writes; not imported so metrics needs no diffusers
 DINO_TYPES = ("vit", "dinov2")  # backbones whose CLS token is the image embedding
 
 
