@@ -193,6 +193,23 @@ def test_loss_plot_and_lowest_loss_up_to_each_trials_step(tmp_path):
             assert f"| lr{lr:g}-steps{steps} | {steps} | {run_loss(low, lr):.4f} (step {low}) |" in md_text
 
 
+def test_a_runs_loss_plot_is_written_whole_and_skipped_without_records(tmp_path):
+    from dreambooth.artifacts import write_loss_plot
+
+    metrics, plot_path = tmp_path / "run" / "metrics.jsonl", tmp_path / "run" / "loss.png"
+    assert write_loss_plot(metrics, plot_path) is None and not plot_path.exists()
+    write_jsonl(metrics, [{"step": s, "loss": run_loss(s, 1e-6), "instance_loss": 0.1, "prior_loss": 0.05}
+                          for s in range(1, 50)])
+    assert write_loss_plot(metrics, plot_path) == plot_path
+    with Image.open(plot_path) as plot:
+        assert plot.format == "PNG" and plot.size == (700, 400)
+        pixels = np.asarray(plot.convert("RGB")).reshape(-1, 1, 3).astype(int)
+    # The loss (blue) and, with prior preservation, its instance (orange) and prior (green) terms are drawn.
+    curves = np.array([[31, 119, 180], [255, 127, 14], [44, 160, 44]])
+    assert (np.abs(pixels - curves).max(axis=2) < 30).any(axis=0).all()
+    assert sorted(p.name for p in plot_path.parent.iterdir()) == ["loss.png", "metrics.jsonl"]  # no temp file
+
+
 def test_report_degrades_without_metrics_losses_or_images(tmp_path):
     directory = make_sweep(tmp_path, metrics=False)
     trials = [json.loads(line) for line in (directory / "trials.jsonl").read_text().splitlines()]

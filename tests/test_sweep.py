@@ -9,9 +9,10 @@ import pytest
 import yaml
 
 import dreambooth.sweep as sweeping
-from dreambooth.config import SweepConfig
+from dreambooth.config import GenerateConfig, SweepConfig
 from dreambooth.errors import UserError
-from dreambooth.sweep import expand_trials, load_sweep, run_sweep
+from dreambooth.sweep import expand_trials, generate_config, load_sweep, run_sweep, train_config
+from dreambooth.sweep_prompts import fill_prompt, plain_class_prompt
 
 from conftest import TINY_RESOLUTION
 
@@ -44,6 +45,47 @@ def test_bad_sweep_files_name_the_key(tiny_model, instance_dir, tmp_path):
         load_sweep(write_sweep(tmp_path, tiny_model, instance_dir, sampling={"stepz": [2]}))
     with pytest.raises(UserError, match="--learning-rate"):
         load_sweep(write_sweep(tmp_path, tiny_model, instance_dir, grid={"learning_rate": [0.0]}))
+
+
+def test_prompt_templates_fill_identifier_and_class():
+    assert fill_prompt("a photo of {id} {class}, {id} again", "miru", "cat") == "a photo of miru cat, miru again"
+    assert fill_prompt("no placeholders {other}", "miru", "cat") == "no placeholders {other}"
+    assert plain_class_prompt("a photo of a white cat", "cat") == "a photo of a white cat"
+    assert plain_class_prompt(None, "cat") == "a photo of a cat"
+    assert plain_class_prompt(None, None) is None
+
+
+def test_sweep_without_sampling_keys_samples_with_generate_defaults(tiny_model, instance_dir, tmp_path):
+    sweep_file = write_sweep(tmp_path, tiny_model, instance_dir)
+    values = yaml.safe_load(sweep_file.read_text())
+    del values["sampling"]
+    sweep_file.write_text(yaml.safe_dump(values))
+    sweep = load_sweep(sweep_file)
+    config = generate_config(sweep, "some/pipeline", tmp_path / "samples")
+    # Everything the file does not set is GenerateConfig's own default (steps, guidance, scheduler, size, batch).
+    assert config == GenerateConfig(model="some/pipeline", prompt=["a photo of miru cat by the sea"],
+                                    output=str(tmp_path / "samples"), seeds=[0, 1])
+
+
+def test_sweep_sampling_keys_reach_generate_and_are_checked_before_training(tiny_model, instance_dir, tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, tiny_model, instance_dir, sampling={"guidance": [4.0], "batch_size": 2}))
+    config = generate_config(sweep, "p", tmp_path)
+    defaults = GenerateConfig(model="p", prompt=["p"], output="o")
+    assert (config.guidance, config.batch_size, config.steps) == ([4.0], 2, defaults.steps)
+    with pytest.raises(UserError, match="--steps"):
+        load_sweep(write_sweep(tmp_path, tiny_model, instance_dir, sampling={"steps": [0]}))
+
+
+def test_sweep_identifier_is_also_the_training_identifier(tiny_model, instance_dir, tmp_path):
+    """`identifier:` fills {id} and names the word whose embeddings learn; it is not hidden from training."""
+    sweep_file = write_sweep(tmp_path, tiny_model, instance_dir, identifier="miru", train_text_encoder=True,
+                             token_embedding_learning_rate=1e-3, class_prompt="a photo of a cat",
+                             grid={"prior_loss_weight": [0.0, 1.0]})
+    # The trial without prior preservation has no class prompt to find the word by: only `identifier:` names it.
+    sweep = load_sweep(sweep_file)
+    configs = [train_config(sweep, trial, tmp_path) for trial in expand_trials(sweep)]
+    assert [(c.class_prompt, c.identifier) for c in configs] == [(None, "miru"), ("a photo of a cat", "miru")]
+    assert sweep.filled_prompts == ["a photo of miru cat by the sea"]
 
 
 def test_two_rates_by_two_step_counts_train_exactly_two_runs_and_resume(tiny_model, instance_dir, tmp_path, monkeypatch):
@@ -98,7 +140,7 @@ def test_shipped_seed_grid_is_a_valid_sweep(monkeypatch, tmp_path):
     assert [t.name for t in trials] == ["lr1e-06-steps600", "lr1e-06-steps900", "lr3e-06-steps600", "lr3e-06-steps900"]
     assert len({t.run for t in trials}) == 2
     assert sweep.sampling["steps"] == [30, 50] and sweep.sampling["guidance"] == [6, 12]
-    assert sweep.render_prompt(sweep.prompts[0]) == "a photo of miru cat by the sea"
+    assert sweep.filled_prompts[0] == "a photo of miru cat by the sea"
 
 
 def test_measured_sweep_shares_class_images_and_writes_metrics(tiny_model, instance_dir, clip_folder, dino_folder,

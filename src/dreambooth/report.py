@@ -9,9 +9,7 @@ the same content: the page is built once as a list of blocks, then rendered as H
 from __future__ import annotations
 
 import math
-import os
 import shlex
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +19,9 @@ import yaml
 from dreambooth.artifacts import smooth
 from dreambooth.config import ReportConfig
 from dreambooth.errors import UserError
-from dreambooth.files import atomic_write_text, read_jsonl
+from dreambooth.files import MANIFEST, atomic_file, atomic_write_text, read_jsonl
 from dreambooth.report_format import Block, Img, Part, render_html, render_md
+from dreambooth.sweep_prompts import fill_prompt, plain_class_prompt
 
 METRICS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "pres": "PRES", "div": "DIV"}
 BETTER = {"dino": "↑", "clip_i": "↑", "clip_t": "↑", "pres": "↓", "div": "↑"}  # PRES: lower = class prior kept
@@ -155,7 +154,7 @@ def read_images(directory: Path, trials: list[dict]) -> dict[tuple[str, Setting,
     images: dict[tuple[str, Setting, str], list[tuple[int, Img]]] = {}
     for trial in trials:
         folder = Path("samples") / trial["trial"]
-        for row in read_jsonl(directory / folder / "manifest.jsonl"):
+        for row in read_jsonl(directory / folder / MANIFEST):
             src = (folder / str(row.get("file", ""))).as_posix()
             if row.get("file") and (directory / src).is_file():
                 image = Img(src, f"{trial['trial']}, {row.get('prompt')}, seed {row.get('seed')}", 0)
@@ -196,10 +195,8 @@ def plot_losses(curves: dict[str, list[tuple[int, float, float]]], path: Path) -
     axes.set(xlabel="training step", ylabel="loss (smoothed)", title="Training loss of every trial")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    figure.savefig(tmp, format="png")
-    os.replace(tmp, path)  # readers see the old plot or the new one
+    with atomic_file(path) as tmp:  # readers see the old plot or the new one
+        figure.savefig(tmp, format="png")
 
 
 # The page ------------------------------------------------------------------------------------------------
@@ -243,7 +240,7 @@ def read_folder(directory: Path) -> tuple[Folder, dict]:
     ranked = rank_trials(entries) if any(math.isfinite(e["dino"]) or math.isfinite(e["clip_t"]) for e in entries) else []
     prompts = list(dict.fromkeys(key[2] for key in images))
     # The plain class prompt (for PRES) has no metric rows of its own; the sweep file names it too.
-    class_prompt = sweep.get("class_prompt") or (f"a photo of a {sweep['class']}" if sweep.get("class") else None)
+    class_prompt = plain_class_prompt(sweep.get("class_prompt"), sweep.get("class"))
     measured = {str(r.get("prompt")) for r in metric_rows}
     class_prompts = {p for p in prompts if p == class_prompt or (measured and p not in measured)}
     folder = Folder(directory, trials, labels, images, metric_rows, ranked,
@@ -257,7 +254,7 @@ def choose_prompt(folder: Folder, sweep: dict, prompt: str | None) -> str | None
     """The seed table's prompt: the one asked for (placeholders allowed), else the first that is not the class prompt."""
     if prompt is None:
         return next((p for p in folder.prompts if p not in folder.class_prompts), next(iter(folder.prompts), None))
-    filled = prompt.replace("{id}", str(sweep.get("identifier", ""))).replace("{class}", str(sweep.get("class", "")))
+    filled = fill_prompt(prompt, str(sweep.get("identifier", "")), str(sweep.get("class", "")))
     if filled not in folder.prompts:
         raise UserError(f"--prompt {prompt!r}: not a prompt of this sweep; choose one of: " + "; ".join(folder.prompts))
     return filled
@@ -289,7 +286,7 @@ def image_table(f: Folder, prompt: str | None) -> list[Block]:
     """The seed's table: one column per trial, one row per sampling setting, the images in the cells."""
     blocks: list[Block] = [("h2", "Images: every trial × sampling setting")]
     if prompt is None:
-        return blocks + [("p", "No images yet: no trial has a samples/<trial>/manifest.jsonl.")]
+        return blocks + [("p", f"No images yet: no trial has a samples/<trial>/{MANIFEST}.")]
     names, width = [t["trial"] for t in f.trials], 200 if f.seeds <= 1 else 96
     empty = {t["trial"]: "–" if t.get("status") == "done" else str(t.get("status")) for t in f.trials}
     rows = [[setting_label(s), *[sized(f.images.get((n, s, prompt), []), width) or empty[n] for n in names]]

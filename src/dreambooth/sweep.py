@@ -9,7 +9,6 @@ same command after a kill skips what is finished and continues.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -19,9 +18,12 @@ from typing import Any
 from dreambooth.config import (ClassImagesConfig, GenerateConfig, SweepConfig, TrainConfig, build_config,
                                load_config_file)
 from dreambooth.errors import UserError
-from dreambooth.files import atomic_write_text, locked, read_jsonl
+from dreambooth.files import atomic_write_text, locked, read_jsonl, write_jsonl
+from dreambooth.sweep_prompts import fill_prompt, plain_class_prompt
 
-SWEEP_KEYS = {"grid", "sampling", "prompts", "seeds", "identifier", "class", "evaluation"}
+# The sweep's own keys; every other key is a training setting. `identifier:` is both: it fills {id} in the
+# prompts and is TrainConfig.identifier (the word whose embeddings --token-embedding-learning-rate trains).
+SWEEP_KEYS = {"grid", "sampling", "prompts", "seeds", "class", "evaluation"}
 SAMPLING_KEYS = {"steps", "guidance", "scheduler", "negative_prompt", "height", "width", "batch_size"}
 EVALUATION_KEYS = {"clip_model", "dino_model", "enabled"}
 SHORT_NAMES = {"learning_rate": "lr", "max_train_steps": "steps", "train_text_encoder": "te",
@@ -58,13 +60,14 @@ class Sweep:
     class_name: str
     evaluation: dict[str, Any] = field(default_factory=dict)
 
-    def render_prompt(self, prompt: str) -> str:
-        return prompt.replace("{id}", self.identifier).replace("{class}", self.class_name)
+    @property
+    def filled_prompts(self) -> list[str]:
+        return [fill_prompt(prompt, self.identifier, self.class_name) for prompt in self.prompts]
 
     @property
     def class_prompt(self) -> str:
         """The plain class prompt whose images measure PRES (the training class prompt when there is one)."""
-        return self.base.get("class_prompt") or f"a photo of a {self.class_name}"
+        return plain_class_prompt(self.base.get("class_prompt"), self.class_name) or ""
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -88,6 +91,7 @@ def load_sweep(path: str | Path) -> Sweep:
                   class_name=str(values["class"]), evaluation=evaluation)
     for trial in expand_trials(sweep):  # every combination must be a valid training config
         train_config(sweep, trial, Path("."), source=str(path))
+    generate_config(sweep, "pipeline", Path("."), source=f"{path}, `sampling:`")  # fail now, not after training
     return sweep
 
 
@@ -99,12 +103,13 @@ def expand_trials(sweep: Sweep) -> list[Trial]:
         settings = dict(zip(keys, values))
         step = int(settings.get("max_train_steps", sweep.base.get("max_train_steps", TrainConfig.max_train_steps)))
         run_part = {k: v for k, v in settings.items() if k != "max_train_steps"}
-        run = "-".join(f"{SHORT_NAMES.get(k, k)}{format_value(v)}" for k, v in run_part.items()) or "run"
+        run = "-".join(f"{SHORT_NAMES.get(k, k)}{name_part(v)}" for k, v in run_part.items()) or "run"
         trials.append(Trial(name=f"{run}-steps{step}", run=run, step=step, settings=settings))
     return trials
 
 
-def format_value(value: Any) -> str:
+def name_part(value: Any) -> str:
+    """A grid value as it stands in a run or trial name, a folder name: booleans 0/1, no slashes or spaces."""
     if isinstance(value, bool):
         return str(int(value))
     if isinstance(value, float):
@@ -274,17 +279,17 @@ def sample_trial(sweep: Sweep, trial: Trial, pipeline: Path, directory: Path) ->
         return output
     if output.exists():
         shutil.rmtree(output)  # a half-written sample folder of our own, from a killed sweep
-    prompts = [sweep.render_prompt(p) for p in sweep.prompts]
+    return generate(generate_config(sweep, str(pipeline), output))
+
+
+def generate_config(sweep: Sweep, model: str, output: Path, source: str = "sweep file, `sampling:`") -> GenerateConfig:
+    """A trial's `generate` settings: its prompts (plus the class prompt, for PRES) and seeds, and only the
+    sampling keys the sweep file gives, so GenerateConfig's own defaults fill in the rest."""
+    prompts = sweep.filled_prompts
     if sweep.evaluation.get("enabled", True) and sweep.class_prompt not in prompts:
         prompts.append(sweep.class_prompt)
-    sampling = sweep.sampling
-    config = build_config(GenerateConfig, {
-        "model": str(pipeline), "prompt": prompts, "output": str(output), "seeds": sweep.seeds,
-        "steps": sampling.get("steps", [30]), "guidance": sampling.get("guidance", [7.5]),
-        "scheduler": sampling.get("scheduler", ["ddim"]), "negative_prompt": sampling.get("negative_prompt", ""),
-        "height": sampling.get("height"), "width": sampling.get("width"), "batch_size": sampling.get("batch_size", 1),
-    }, {}, source="sweep file")
-    return generate(config)
+    values = {**sweep.sampling, "model": model, "prompt": prompts, "output": str(output), "seeds": sweep.seeds}
+    return build_config(GenerateConfig, values, {}, source=source)
 
 
 def load_evaluation_models(sweep: Sweep):
@@ -306,7 +311,7 @@ def evaluate_trial(sweep: Sweep, trial: Trial, directory: Path, models) -> None:
     with locked(directory / ".sweep.lock"):
         rows = [row for row in read_jsonl(path) if row.get("trial") != trial.name]
         rows += [{"trial": trial.name, **row} for row in new_rows]
-        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+        write_jsonl(path, rows)
 
 
 def is_evaluated(trial: Trial, directory: Path) -> bool:
@@ -320,11 +325,11 @@ def mark(changed: list[Trial], status: str, error: str | None, directory: Path) 
         for trial in changed:
             trial.status, trial.error = status, error
             records[trial.name] = trial.record()
-        atomic_write_text(directory / "trials.jsonl", "".join(json.dumps(r) + "\n" for r in records.values()))
+        write_jsonl(directory / "trials.jsonl", records.values())
 
 
 def write_trials(trials: list[Trial], directory: Path) -> None:
-    atomic_write_text(directory / "trials.jsonl", "".join(json.dumps(t.record()) + "\n" for t in trials))
+    write_jsonl(directory / "trials.jsonl", [trial.record() for trial in trials])
 
 
 @dataclass
