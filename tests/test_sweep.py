@@ -12,7 +12,8 @@ import dreambooth.sweep as sweeping
 from dreambooth.config import GenerateConfig, SweepConfig
 from dreambooth.errors import UserError
 from dreambooth.sweep import expand_trials, generate_config, load_sweep, run_sweep, train_config
-from dreambooth.sweep_prompts import fill_prompt, plain_class_prompt
+from dreambooth.files import append_jsonl
+from dreambooth.sweep_files import fill_prompt, plain_class_prompt, read_trial_records
 
 from conftest import TINY_RESOLUTION
 
@@ -53,6 +54,14 @@ def test_prompt_templates_fill_identifier_and_class():
     assert plain_class_prompt("a photo of a white cat", "cat") == "a photo of a white cat"
     assert plain_class_prompt(None, "cat") == "a photo of a cat"
     assert plain_class_prompt(None, None) is None
+
+
+def test_trial_records_keep_each_trials_newest_line(tmp_path):
+    for record in ({"trial": "a", "status": "pending"}, {"trial": "b", "status": "pending"}, {"note": "no trial"},
+                   {"trial": "a", "status": "done"}):
+        append_jsonl(tmp_path / "trials.jsonl", record)
+    assert read_trial_records(tmp_path) == {"a": {"trial": "a", "status": "done"}, "b": {"trial": "b", "status": "pending"}}
+    assert read_trial_records(tmp_path / "missing") == {}
 
 
 def test_sweep_without_sampling_keys_samples_with_generate_defaults(tiny_model, instance_dir, tmp_path):

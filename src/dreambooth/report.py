@@ -21,7 +21,8 @@ from dreambooth.config import ReportConfig
 from dreambooth.errors import UserError
 from dreambooth.files import MANIFEST, atomic_file, atomic_write_text, read_jsonl
 from dreambooth.report_format import Block, Img, Part, render_html, render_md
-from dreambooth.sweep_prompts import fill_prompt, plain_class_prompt
+from dreambooth.sweep_files import (METRIC_ROWS, SWEEP_COPY, TRIALS, fill_prompt, plain_class_prompt,
+                                    read_trial_records)
 
 METRICS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "pres": "PRES", "div": "DIV"}
 BETTER = {"dino": "↑", "clip_i": "↑", "clip_t": "↑", "pres": "↓", "div": "↑"}  # PRES: lower = class prior kept
@@ -129,7 +130,7 @@ def trial_label(settings: dict) -> str:
 
 
 def read_sweep_file(directory: Path) -> tuple[dict, str]:
-    path = directory / "sweep.yaml"
+    path = directory / SWEEP_COPY
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
     try:
         data = yaml.safe_load(text)
@@ -139,14 +140,9 @@ def read_sweep_file(directory: Path) -> tuple[dict, str]:
 
 
 def read_trials(directory: Path) -> list[dict]:
-    path = directory / "trials.jsonl"
-    if not path.is_file():
-        raise UserError(f"{directory}: no trials.jsonl; give the --output folder of `dreambooth sweep`")
-    latest: dict[str, dict] = {}
-    for record in read_jsonl(path):
-        if record.get("trial"):
-            latest[str(record["trial"])] = record  # a later line for the same trial is its newer status
-    return list(latest.values())
+    if not (directory / TRIALS).is_file():
+        raise UserError(f"{directory}: no {TRIALS}; give the --output folder of `dreambooth sweep`")
+    return list(read_trial_records(directory).values())
 
 
 def read_images(directory: Path, trials: list[dict]) -> dict[tuple[str, Setting, str], list[Img]]:
@@ -234,7 +230,7 @@ def read_folder(directory: Path) -> tuple[Folder, dict]:
     trials = read_trials(directory)
     labels = {t["trial"]: trial_label(t.get("settings") or {}) for t in trials}
     images = read_images(directory, trials)
-    metric_rows = [r for r in read_jsonl(directory / "metrics.jsonl") if r.get("trial") in labels]
+    metric_rows = [r for r in read_jsonl(directory / METRIC_ROWS) if r.get("trial") in labels]
     entries = summarize(metric_rows)
     # Rows without DINO and CLIP-T (evaluation skipped) cannot name a best model.
     ranked = rank_trials(entries) if any(math.isfinite(e["dino"]) or math.isfinite(e["clip_t"]) for e in entries) else []
@@ -337,10 +333,10 @@ def best_images(f: Folder) -> list[Block]:
 
 def reproduce(f: Folder) -> list[Block]:
     folder = shlex.quote(str(f.directory))
-    note = "" if f.sweep_text else " (sweep.yaml was not saved in this folder: use the sweep file you ran.)"
+    note = "" if f.sweep_text else f" ({SWEEP_COPY} was not saved in this folder: use the sweep file you ran.)"
     blocks: list[Block] = [
         ("h2", "Reproduce"),
-        ("pre", f"dreambooth sweep {shlex.quote(str(f.directory / 'sweep.yaml'))} --output {folder}\n"
+        ("pre", f"dreambooth sweep {shlex.quote(str(f.directory / SWEEP_COPY))} --output {folder}\n"
                 f"dreambooth report {folder}"),
         ("p", "The same --output continues a killed sweep and skips finished work; "
               "a new folder repeats it from scratch." + note)]

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from dreambooth.config import (ClassImagesConfig, GenerateConfig, SweepConfig, TrainConfig, build_config,
-                               load_config_file)
+                               class_images_config, load_config_file)
 from dreambooth.errors import UserError
 from dreambooth.files import atomic_write_text, locked, read_jsonl, write_jsonl
-from dreambooth.sweep_prompts import fill_prompt, plain_class_prompt
+from dreambooth.sweep_files import (METRIC_ROWS, SWEEP_COPY, TRIALS, fill_prompt, plain_class_prompt,
+                                    read_trial_records)
 
 # The sweep's own keys; every other key is a training setting. `identifier:` is both: it fills {id} in the
 # prompts and is TrainConfig.identifier (the word whose embeddings --token-embedding-learning-rate trains).
@@ -150,8 +151,8 @@ def run_sweep(config: SweepConfig) -> Path:
     trials = expand_trials(sweep)
     runs = group_runs(trials)
     if not config.only_run:  # a worker (--only-run) leaves the shared files to the process that started it
-        atomic_write_text(directory / "sweep.yaml", Path(config.sweep).read_text(encoding="utf-8"))
-        earlier = {record["trial"]: record for record in read_jsonl(directory / "trials.jsonl")}
+        atomic_write_text(directory / SWEEP_COPY, Path(config.sweep).read_text(encoding="utf-8"))
+        earlier = read_trial_records(directory)
         for trial in trials:  # a resumed sweep shows what was finished before, until it passes that trial again
             trial.status = earlier.get(trial.name, {}).get("status", "pending")
         write_trials(trials, directory)
@@ -166,7 +167,7 @@ def run_sweep(config: SweepConfig) -> Path:
         if config.only_run not in runs:
             raise UserError(f"--only-run {config.only_run}: no such run in this sweep ({', '.join(runs)})")
         run_each(sweep, {config.only_run: runs[config.only_run]}, directory)
-        return directory / "trials.jsonl"
+        return directory / TRIALS
     if len(config.devices) > 1:
         run_on_devices(config, runs, directory)
     else:
@@ -241,8 +242,6 @@ def group_runs(trials: list[Trial]) -> dict[str, list[Trial]]:
 
 def unique_class_image_configs(sweep: Sweep, trials: list[Trial], directory: Path) -> list[ClassImagesConfig]:
     """One class-image job per distinct folder, asking for the most images any run needs."""
-    from dreambooth.train import class_images_config
-
     jobs: dict[str, ClassImagesConfig] = {}
     for run_trials in group_runs(trials).values():
         config = train_config(sweep, run_trials[0], directory)
@@ -305,7 +304,7 @@ def evaluate_trial(sweep: Sweep, trial: Trial, directory: Path, models) -> None:
     """Append the trial's metric rows to DIR/metrics.jsonl (rewritten whole, so a kill never leaves half a trial)."""
     from dreambooth.metrics import evaluate_samples
 
-    path = directory / "metrics.jsonl"
+    path = directory / METRIC_ROWS
     new_rows = evaluate_samples(directory / "samples" / trial.name, Path(sweep.base["instance_dir"]), models,
                                 class_prompt=sweep.class_prompt)
     with locked(directory / ".sweep.lock"):
@@ -315,21 +314,21 @@ def evaluate_trial(sweep: Sweep, trial: Trial, directory: Path, models) -> None:
 
 
 def is_evaluated(trial: Trial, directory: Path) -> bool:
-    return any(row.get("trial") == trial.name for row in read_jsonl(directory / "metrics.jsonl"))
+    return any(row.get("trial") == trial.name for row in read_jsonl(directory / METRIC_ROWS))
 
 
 def mark(changed: list[Trial], status: str, error: str | None, directory: Path) -> None:
     """Set the status of some trials in DIR/trials.jsonl (under a lock: several workers may share the sweep)."""
     with locked(directory / ".sweep.lock"):
-        records = {record["trial"]: record for record in read_jsonl(directory / "trials.jsonl")}
+        records = read_trial_records(directory)
         for trial in changed:
             trial.status, trial.error = status, error
             records[trial.name] = trial.record()
-        write_jsonl(directory / "trials.jsonl", records.values())
+        write_jsonl(directory / TRIALS, records.values())
 
 
 def write_trials(trials: list[Trial], directory: Path) -> None:
-    write_jsonl(directory / "trials.jsonl", [trial.record() for trial in trials])
+    write_jsonl(directory / TRIALS, [trial.record() for trial in trials])
 
 
 @dataclass
