@@ -14,9 +14,8 @@ from tqdm.auto import tqdm
 from dreambooth.config import ClassImagesConfig
 from dreambooth.data import IMAGE_SUFFIXES
 from dreambooth.errors import UserError
-from dreambooth.files import MANIFEST, append_jsonl
 from dreambooth.models import default_device, inference_dtype, load_pipeline, resolve_model, without_safety_checker
-from dreambooth.sampling import SamplingSetting, render, save_png
+from dreambooth.sampling import SamplingSetting, render, save_listed_image
 
 GENERATED_NAME = re.compile(r"^class-(\d{5,})\.png$")
 
@@ -63,13 +62,8 @@ def top_up_class_images(config: ClassImagesConfig) -> list[Path]:
             images = render(pipeline, [config.prompt] * len(batch), seeds, setting,
                             negative_prompt=config.negative_prompt, batch_size=len(batch))
             for index, seed, image in zip(batch, seeds, images):
-                record = {
-                    "file": f"class-{index:05d}.png", "prompt": config.prompt, "negative_prompt": config.negative_prompt,
-                    "seed": seed, "steps": config.steps, "guidance": config.guidance, "scheduler": config.scheduler,
-                    "model": config.model, "width": image.width, "height": image.height,
-                }
-                save_png(image, folder / record["file"], record)
-                append_jsonl(folder / MANIFEST, record)  # after the image exists: the manifest never names a missing file
+                save_listed_image(image, folder, f"class-{index:05d}.png", config.prompt, seed, setting,
+                                  negative_prompt=config.negative_prompt, model=config.model)
             progress.update(len(batch))
     del pipeline
     return existing_images(folder)

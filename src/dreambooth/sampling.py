@@ -152,6 +152,20 @@ def save_png(image: Image.Image, path: Path, metadata: dict) -> None:
         image.save(tmp, format="PNG", pnginfo=info)
 
 
+def save_listed_image(image: Image.Image, folder: Path, file: str, prompt: str, seed: int, setting: SamplingSetting,
+                      *, negative_prompt: str, model: str) -> dict[str, Any]:
+    """Save a rendered image with how it was made as PNG text, then list it in the folder's manifest; return the line.
+
+    The one record shape of a folder of rendered images (`generate` and class images), which `evaluate` reads.
+    """
+    record = {"file": file, "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": setting.steps,
+              "guidance": setting.guidance, "scheduler": setting.scheduler, "model": model,
+              "height": image.height, "width": image.width}
+    save_png(image, Path(folder) / file, {key: value for key, value in record.items() if key != "file"})
+    append_jsonl(Path(folder) / MANIFEST, record)  # after the image: a line never names a missing file
+    return record
+
+
 def _wrap(text: str, font, width: float) -> list[str]:
     """Greedy word wrap to a pixel width; words wider than a line are split between characters."""
     lines: list[str] = []
@@ -268,14 +282,9 @@ def generate(config: GenerateConfig) -> Path:
                                 negative_prompt=config.negative_prompt, height=config.height, width=config.width,
                                 batch_size=config.batch_size)
                 for (p, seed), image in zip(batch, images):
-                    record = {
-                        "file": f"{IMAGES}/{image_name(setting, p, seed, len(schedulers) > 1)}", "prompt": prompts[p],
-                        "negative_prompt": config.negative_prompt, "seed": seed, "steps": setting.steps,
-                        "guidance": setting.guidance, "scheduler": setting.scheduler, "model": config.model,
-                        "height": image.height, "width": image.width,
-                    }
-                    save_png(image, output / record["file"], {k: v for k, v in record.items() if k != "file"})
-                    append_jsonl(output / MANIFEST, record)  # after the image: a line never names a missing file
+                    save_listed_image(image, output, f"{IMAGES}/{image_name(setting, p, seed, len(schedulers) > 1)}",
+                                      prompts[p], seed, setting, negative_prompt=config.negative_prompt,
+                                      model=config.model)
                     row.append(image)
                 progress.update(len(batch))
             rows.append(row)
