@@ -18,6 +18,7 @@ from PIL import Image
 from conftest import write_images
 from dreambooth.config import EvaluateConfig
 from dreambooth.errors import UserError
+from dreambooth.files import write_jsonl
 from dreambooth.metrics import (
     evaluate,
     evaluate_samples,
@@ -48,7 +49,7 @@ def write_samples(folder: Path, groups: dict[tuple, dict[str, list[Path]]]) -> N
                 (folder / name).write_bytes(source.read_bytes())
                 lines.append({"file": name, "prompt": prompt, "negative_prompt": "", "seed": seed, "steps": steps,
                               "guidance": guidance, "scheduler": "ddim", "model": "tiny", "height": SIDE, "width": SIDE})
-    (folder / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    write_jsonl(folder / "manifest.jsonl", lines)
 
 
 def load(paths: list[Path]) -> list[Image.Image]:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from dreambooth.config import ReportConfig
 from dreambooth.errors import UserError
+from dreambooth.files import write_jsonl
 from dreambooth.report import pooled, rank_trials, report, write_report
 
 PROMPTS = ["a photo of miru cat by the sea", "a photo of miru cat <in> the forest & more"]  # <, & test escaping
@@ -29,11 +30,6 @@ CLASS_PROMPT = "a photo of a cat"
 SETTINGS = [(30, 6.0), (50, 12.0)]
 SEEDS = [0, 1]
 BEST = "lr3e-06-steps900"
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def run_loss(step: int, lr: float) -> float:
