@@ -33,14 +33,14 @@ class StepModels(Protocol):
 
 @dataclass(frozen=True)
 class StepSettings:
-    """Every setting the loss of one micro-batch depends on."""
+    """Every setting the loss of one micro-batch depends on (no defaults: each caller says what it trains)."""
 
-    prior_loss_weight: float = 1.0  # weight of the class examples' term (only used when the batch has some)
-    offset_noise: float = 0.0
-    offset_noise_levels: int = 1
-    snr_gamma: float | None = None  # Min-SNR-gamma weighting; None weighs every timestep alike
-    mask_background_weight: float = 0.1  # loss weight outside the subject, for batches that carry masks
-    text_encoder_grad: bool = False  # backpropagate into the text encoder (it is being trained)
+    prior_loss_weight: float  # weight of the class examples' term (used when the batch has some)
+    offset_noise: float
+    offset_noise_levels: int
+    snr_gamma: float | None  # Min-SNR-gamma weighting; None weighs every timestep alike
+    mask_background_weight: float  # loss weight outside the subject, for batches that carry masks
+    text_encoder_grad: bool  # backpropagate into the text encoder (it is being trained)
 
 
 def step_settings(config: TrainConfig) -> StepSettings:
