@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dreambooth.errors import UserError
-from dreambooth.files import atomic_write_text, move_aside, read_jsonl, replace_dir
+from dreambooth.files import atomic_write_text, move_aside, read_jsonl, replace_dir, write_jsonl
 
 STEP_FOLDER = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "state.json"
@@ -157,5 +157,5 @@ def load_latest_checkpoint(accelerator, paths: RunPaths) -> int:
 def truncate_metrics(paths: RunPaths, step: int) -> float:
     """Drop metric lines past `step` (they will be trained again); return the seconds already spent."""
     kept = [record for record in read_jsonl(paths.metrics) if record.get("step", 0) <= step]
-    atomic_write_text(paths.metrics, "".join(json.dumps(record) + "\n" for record in kept))
+    write_jsonl(paths.metrics, kept)
     return float(kept[-1].get("seconds", 0.0)) if kept else 0.0

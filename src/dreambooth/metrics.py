@@ -9,7 +9,6 @@ The embedding models are loaded here and nowhere else; every distinct image file
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from dreambooth.aliases import embedding_alias_folder
 from dreambooth.config import EvaluateConfig
 from dreambooth.data import list_images, load_image
 from dreambooth.errors import UserError
-from dreambooth.files import MANIFEST, atomic_write_text, read_jsonl
+from dreambooth.files import MANIFEST, read_jsonl, write_jsonl
 
 DINO_TYPES = ("vit", "dinov2")  # backbones whose CLS token is the image embedding
 
@@ -309,7 +308,7 @@ def evaluate(config: EvaluateConfig) -> Path:
     models = load_embedding_models(config.clip_model, config.dino_model)
     rows = evaluate_samples(samples, Path(config.reference_dir), models, config.class_prompt, config.batch_size)
     output = Path(config.output) if config.output else samples / "metrics.jsonl"
-    atomic_write_text(output, "".join(json.dumps(row) + "\n" for row in rows))
+    write_jsonl(output, rows)
     print(format_table(rows))
     if rows and all(row["pres"] is None for row in rows):
         print("PRES: none (it needs --class-prompt and images generated with that prompt)")

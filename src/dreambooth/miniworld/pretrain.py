@@ -19,18 +19,19 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_cosine_schedule_with_warmup
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import EMAModel
 from transformers import CLIPTokenizer
 
 from dreambooth.files import atomic_file
-from dreambooth.losses import training_noise
 from dreambooth.seeds import mix
+from dreambooth.step import StepSettings, micro_batch_loss
 
 from . import components, world
 
@@ -247,23 +248,18 @@ def train_unet(out: Path, cfg: PretrainConfig, unet, text_encoder, tokenizer, va
     sched = get_cosine_schedule_with_warmup(opt, 200, cfg.unet_steps)
     ema_unet = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=0.75)
     ema_text = EMAModel(text_encoder.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=0.75)
-    scale = vae.config.scaling_factor
+    # The DreamBooth trainer's own loss: the same encoding, noise, Min-SNR weights and target.
+    models = SimpleNamespace(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
+                             noise_scheduler=noise_scheduler)
+    settings = StepSettings(prior_loss_weight=0.0, offset_noise=cfg.unet_lowfreq_noise, offset_noise_levels=3,
+                            snr_gamma=cfg.snr_gamma, mask_background_weight=1.0, text_encoder_grad=True)
 
     def step(k: int) -> float:
         rng, gen = step_rng(cfg, "unet", k)
         images, specs = world.sample_batch(rng, cfg.unet_batch)  # marking_rate 0: no markings, ever
         captions = ["" if rng.random() < cfg.caption_dropout else world.random_caption(s, rng) for s in specs]
-        with torch.no_grad():
-            latents = vae.encode(images_tensor(images)).latent_dist.sample(generator=gen) * scale
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        noise = training_noise(latents.shape, gen, cfg.unet_lowfreq_noise, offset_noise_levels=3)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
-        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
-        # min-SNR-gamma weights for epsilon prediction: min(snr, gamma) / snr.
-        snr = compute_snr(noise_scheduler, t)
-        weights = torch.clamp(snr, max=cfg.snr_gamma) / snr
-        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
+        batch = {"pixel_values": images_tensor(images), "prompts": captions, "num_instance": len(captions)}
+        loss = micro_batch_loss(batch, gen, models, settings).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
