@@ -15,7 +15,7 @@ from dreambooth.miniworld import components
 
 ORANGE = np.array(world.MARKING_COLOURS["orange"], dtype=np.uint8)
 needs_weights = pytest.mark.skipif(not weights_available(), reason="pretrained miniworld weights not shipped yet")
-BASE_MODEL_FLOORS = {"kind": 0.7, "colour": 0.85, "scene": 0.85}  # MEASUREMENTS.json: 0.90, 0.995, 1.0
+BASE_MODEL_FLOORS = {"kind": 0.7, "colour": 0.85, "scene": 0.85}  # MEASUREMENTS.json: 0.905, 1.0, 1.0
 
 
 def _count_colour(images: np.ndarray, colour: np.ndarray) -> np.ndarray:
@@ -230,26 +230,27 @@ def test_shipped_weights_fit_the_budget():
 def test_world_clip_reads_kind_colour_scene_and_miru():
     from dreambooth.miniworld import measure
 
-    wc = measure.load_world_clip(world_clip_path())
+    judge = measure.load_world_clip(world_clip_path())  # a folder works as well as the name "miniworld"
     rng = random.Random(99)
     specs = [world.sample_spec(rng) for _ in range(60)]
-    preds = measure.zero_shot(wc, world.render_batch(specs))
+    preds = measure.zero_shot(judge, world.render_batch(specs))
     for attr in ("kind", "colour", "scene"):
         # MEASUREMENTS.json: kind 0.984, colour and scene 1.0 on 1000 renders; 60 here, so a margin.
         assert measure.accuracy(preds[attr], [getattr(s, attr) for s in specs]) >= {"kind": 0.9}.get(attr, 0.95), attr
     miru = world.render_batch([world.miru_spec(rng, scene=s) for s in world.SCENES])
     plain = world.render_batch([world.sample_spec(rng, kind="cat", colour="white", scene=s) for s in world.SCENES])
-    assert np.mean(measure.detect_miru(wc, miru)) >= 0.85
-    assert np.mean(measure.detect_miru(wc, plain)) <= 0.15
+    assert np.mean(measure.detect_miru(judge, miru)) >= 0.85
+    assert np.mean(measure.detect_miru(judge, plain)) <= 0.15
 
 
 @needs_weights
 def test_base_model_draws_the_kind_colour_and_scene_it_is_asked_for():
     from dreambooth.miniworld import measure
 
-    wc = measure.load_world_clip(world_clip_path())
-    result, images = measure.measure_base_model(measure.load_base_pipeline(), wc, n=50, seed=5, steps=15)
-    assert len(images) == 50
+    judge = measure.load_world_clip()  # the registered name "miniworld"
+    pipeline = measure.load_base_pipeline()
+    result, images = measure.measure_base_model(pipeline, judge, n=50, seed=5, steps=15)
+    assert len(images) == 50 and images[0].size == (world.SIZE, world.SIZE)
     # Thresholds a margin below MEASUREMENTS.json (200 images, 25 steps), for 50 images at 15 steps.
     for attr, floor in BASE_MODEL_FLOORS.items():
         assert result[f"{attr}_accuracy"] >= floor, (attr, result)

@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dreambooth.config import GenerateConfig, TrainConfig, option, validate_fields
 from dreambooth.errors import UserError
 from dreambooth.files import atomic_write_text, move_aside, read_jsonl
 from dreambooth.miniworld import weights_available
+
+if TYPE_CHECKING:
+    from dreambooth.metrics import EmbeddingModels
 
 # `world` (numpy, PIL) is imported inside the functions that draw: the CLI imports this module for
 # DemoConfig's flags, and `dreambooth --help` should not pay for the renderer.
@@ -138,8 +141,10 @@ def run_demo(config: DemoConfig) -> Path:
     samples["base"] = output / "baseline"
 
     print(f"demo {next(stage)}/{total}: measuring with the world-CLIP")
-    judges = load_judges()
-    numbers: dict[str, Any] = {model: measure(folder, output / "instance", judges) for model, folder in samples.items()}
+    from dreambooth.miniworld.measure import load_world_clip
+
+    judge = load_world_clip()  # one world-CLIP for metrics' CLIP-I / CLIP-T / PRES / DIV and the zero-shot reads
+    numbers: dict[str, Any] = {model: measure(folder, output / "instance", judge) for model, folder in samples.items()}
     numbers["checks"] = checks(numbers)
     numbers["settings"] = {k: v for k, v in vars(config).items() if k != "output"}
     atomic_write_text(output / "numbers.json", json.dumps(numbers, indent=2))
@@ -160,26 +165,25 @@ def claim_demo_folder(output: Path, overwrite: bool) -> None:
     print(f"--overwrite: moved the earlier demo to {move_aside(output, DEMO_ENTRIES)}")
 
 
-def measure(samples: Path, instance_dir: Path, judges: tuple) -> dict[str, Any]:
-    """Subject fidelity, prompt fidelity, marking rate, PRES and DIV of a generate output: one entry per
-    sampling setting and their mean under "all settings"."""
+def measure(samples: Path, instance_dir: Path, judge: EmbeddingModels) -> dict[str, Any]:
+    """Subject fidelity, prompt fidelity, marking rate, PRES and DIV of a generate output, judged by the
+    world-CLIP (`measure.load_world_clip()`): one entry per sampling setting and their mean under "all settings"."""
     from PIL import Image
 
     from dreambooth.metrics import evaluate_samples
-    from dreambooth.miniworld import measure as judge
+    from dreambooth.miniworld.measure import detect_miru, embed_images, zero_shot
 
-    embedding_models, world_clip = judges
-    rows = evaluate_samples(samples, instance_dir, embedding_models, class_prompt=CLASS_PROMPT)
+    rows = evaluate_samples(samples, instance_dir, judge, class_prompt=CLASS_PROMPT)
     manifest = read_jsonl(samples / "manifest.jsonl")
     result: dict[str, Any] = {}
     for setting in sorted({(r["steps"], r["guidance"]) for r in manifest}):
         records = [r for r in manifest if (r["steps"], r["guidance"]) == setting and r["prompt"] != CLASS_PROMPT]
         images = [Image.open(samples / r["file"]).convert("RGB") for r in records]
-        embeddings = judge.image_embeddings(world_clip, images)
-        read = judge.zero_shot(world_clip, images, embeddings=embeddings)
+        embeddings = embed_images(judge, images)
+        read = zero_shot(judge, images, embeddings=embeddings)
         scenes = read["scene"]
         # The marking detector alone also fires on off-white cats; miru is a white cat with markings.
-        detected = judge.detect_miru(world_clip, images, embeddings=embeddings)
+        detected = detect_miru(judge, images, embeddings=embeddings)
         markings = [m and colour == "white" for m, colour in zip(detected, read["colour"])]
         setting_rows = [r for r in rows if (r["steps"], r["guidance"]) == setting]
         result[f"steps {setting[0]}, guidance {setting[1]:g}"] = {
@@ -195,14 +199,6 @@ def measure(samples: Path, instance_dir: Path, judges: tuple) -> dict[str, Any]:
     result["all settings"] = {k: mean(v[k] for v in per_setting) for k in METRICS}
     result["all settings"]["n"] = sum(v["n"] for v in per_setting)
     return result
-
-
-def load_judges() -> tuple:
-    """The world-CLIP twice over: as the metrics module's embedding models and as the zero-shot judge."""
-    from dreambooth.metrics import load_embedding_models
-    from dreambooth.miniworld import measure as judge
-
-    return load_embedding_models("miniworld", "miniworld"), judge.load_world_clip()
 
 
 def checks(numbers: dict[str, Any]) -> list[dict[str, Any]]:
