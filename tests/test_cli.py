@@ -65,6 +65,7 @@ def bad_inputs(tmp_path: Path, tiny_model: Path, instance_dir: Path) -> list[tup
          "no mask for"),
         (base + ["--instance-dir", str(instance_dir), "--output", str(other_run)], "--resume"),
         (good + ["--max-train-steps", "many"], "invalid int value"),
+        (good + ["--validation-steps", "5"], "--validation-steps is now --validation-sampling-steps"),
         (["generate", "--model", str(tiny_model), "--prompt", "p", "--output", str(tmp_path / "g"),
           "--scheduler", "fast"], "--scheduler"),
         (["demo", "--num-seeds", "0", "--output", str(tmp_path / "d")], "--num-seeds 0"),

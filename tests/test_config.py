@@ -37,6 +37,7 @@ def test_yaml_and_toml_files_load(tmp_path):
         ({"token_embedding_learning_rate": 1e-3}, "--token-embedding-learning-rate needs --train-text-encoder"),
         ({"token_embedding_learning_rate": 1e-3, "train_text_encoder": True}, "needs --identifier WORD"),
         ({"mask_background_weight": 1.5}, "--mask-background-weight 1.5: must be between 0 and 1"),
+        ({"validation_steps": 5}, "key 'validation_steps': --validation-steps is now --validation-sampling-steps"),
     ],
 )
 def test_bad_settings_name_the_key(values, message):

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 from dreambooth import __version__
-from dreambooth.config import (ClassImagesConfig, EvaluateConfig, GenerateConfig, ReportConfig, SweepConfig, TrainConfig,
-                               build_config, cli_fields, flag_name, load_config_file)
+from dreambooth.config import (RENAMED, ClassImagesConfig, EvaluateConfig, GenerateConfig, ReportConfig, SweepConfig,
+                               TrainConfig, build_config, cli_fields, flag_name, load_config_file)
 from dreambooth.errors import UserError
 from dreambooth.miniworld.demo import DemoConfig  # the application shell may import the demo; the core never does
 
@@ -97,7 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--debug", action="store_true", help="Show the full traceback of an error.")
         for spec, hint in cli_fields(config_class):
             add_flag(sub, spec, hint)
+        for old_name, (new_name, message) in RENAMED.items():
+            if new_name in {spec.name for spec, _ in cli_fields(config_class)}:
+                sub.add_argument(flag_name(old_name), nargs="?", action=RenamedFlag, message=message,
+                                 help=argparse.SUPPRESS)
     return parser
+
+
+class RenamedFlag(argparse.Action):
+    """A flag that was renamed: giving it fails with one line that names the new flag."""
+
+    def __init__(self, *args: Any, message: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.message = message
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option_string: Any = None) -> None:
+        parser.error(self.message)
 
 
 def add_flag(parser: argparse.ArgumentParser, spec: dataclasses.Field, hint: Any) -> None:

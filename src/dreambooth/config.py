@@ -29,10 +29,12 @@ LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
-# Settings that were renamed: the old name, as a flag or a config-file key, fails with this one line.
+# Settings that were renamed: old name -> (new name, the one line that using the old name, as a flag or a
+# config-file key, fails with).
 RENAMED = {
-    "validation_steps": "--validation-steps is now --validation-sampling-steps (sampling steps of each validation "
-                        "image); how often to render validation images is --validation-every",
+    "validation_steps": ("validation_sampling_steps",
+                         "--validation-steps is now --validation-sampling-steps (sampling steps of each validation "
+                         "image); how often to render validation images is --validation-every"),
 }
 
 
@@ -286,8 +288,8 @@ def build_config(cls: type, file_values: dict[str, Any], overrides: dict[str, An
     values: dict[str, Any] = {}
     for key, value in file_values.items():
         name = key.replace("-", "_")
-        if name in RENAMED:
-            raise UserError(f"{source}: key '{key}': {RENAMED[name]}")
+        if name in RENAMED and RENAMED[name][0] in fields:
+            raise UserError(f"{source}: key '{key}': {RENAMED[name][1]}")
         if name not in fields:
             raise UserError(f"{source}: unknown key '{key}' (known keys: {', '.join(sorted(fields))})")
         values[name] = coerce(value, hints[name], f"{source}: key '{key}'")

@@ -13,13 +13,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from dreambooth import seeds
 from dreambooth.errors import UserError
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 
-# Seeds for the four random streams are derived by one fixed arithmetic mix (see `_stream_seed`), so any
-# sample's order and augmentation can be recomputed from (seed, sample id) alone.
-_MIX = 1_000_003
+# The four random streams, each seeded by seeds.mix(seed, stream, epoch or sample id), so any sample's
+# order and augmentation can be recomputed from (seed, sample id) alone.
 _INSTANCE_ORDER, _INSTANCE_AUGMENT, _CLASS_ORDER, _CLASS_AUGMENT = 0, 1, 2, 3
 
 
@@ -184,24 +184,13 @@ def _crop_to_tensor(image: Image.Image, box: tuple[int, int, int, int], flip: bo
     return tensor.flip(-1) if flip else tensor
 
 
-def _stream_seed(seed: int, stream: int, index: int) -> int:
-    """Seed for one (stream, epoch or sample id): ((seed * 1_000_003 + stream) * 1_000_003 + index) mod 2**63."""
-    return ((seed * _MIX + stream) * _MIX + index) % (2**63)
-
-
-def _generator(seed: int) -> torch.Generator:
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return generator
-
-
 class DreamBoothData:
     """Deterministic, step-indexed batches: the batch for a given list of sample ids is a pure function of
     (seed, ids), so a resumed run sees exactly the data an uninterrupted run would (no sampler state to save).
 
     Sample id k picks instance example perm_e[k % n] with epoch e = k // n and perm_e a permutation of
-    range(n) drawn from a generator seeded by _stream_seed(seed, 0, e); its crop offset and flip come from
-    _stream_seed(seed, 1, k). Class examples use streams 2 and 3 with their own count m, so the same k also
+    range(n) drawn from a generator seeded by seeds.mix(seed, 0, e); its crop offset and flip come from
+    seeds.mix(seed, 1, k). Class examples use streams 2 and 3 with their own count m, so the same k also
     walks the class set one full epoch at a time.
     """
 
@@ -245,13 +234,13 @@ class DreamBoothData:
 
     def _pick(self, sample_id: int, count: int, order_stream: int) -> int:
         epoch, position = divmod(sample_id, count)
-        permutation = torch.randperm(count, generator=_generator(_stream_seed(self.seed, order_stream, epoch)))
+        permutation = torch.randperm(count, generator=seeds.generator(self.seed, order_stream, epoch))
         return int(permutation[position])
 
     def _pixels(self, image: Image.Image, sample_id: int, augment_stream: int,
                 mask: Image.Image | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The image in [-1, 1] and its mask in [0, 1], cut by the same crop and flip."""
-        generator = _generator(_stream_seed(self.seed, augment_stream, sample_id))
+        generator = seeds.generator(self.seed, augment_stream, sample_id)
         # The flip is drawn even when random_flip is off so the crop offsets do not depend on that flag.
         flip = bool(torch.rand((), generator=generator) < 0.5) and self.random_flip
         box = crop_box(image.size, self.resolution, self.center_crop, generator)
