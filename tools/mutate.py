@@ -147,15 +147,15 @@ def run_tests(tests: list[str], timeout: float) -> str:
     return f"killed by {failed[0] if failed else 'an error'}"
 
 
-def run_named(timeout: float) -> None:
-    """Apply each of NAMED, run the tests of its module, report which test fails."""
+def run_named(timeout: float, tests: list[str] | None) -> None:
+    """Apply each of NAMED, run the tests of its module (or `tests`), report which test fails."""
     for name, (file, text, replacement) in NAMED.items():
         path = ROOT / file
         original = path.read_text()
         assert original.count(text) == 1, f"{name}: the text to change is not (exactly once) in {file}"
         path.write_text(original.replace(text, replacement))
         try:
-            outcome = run_tests(TARGETS[file], timeout)
+            outcome = run_tests(tests or TARGETS[file], timeout)
         finally:
             path.write_text(original)
         print(f"{name}: {outcome}", flush=True)
@@ -166,12 +166,13 @@ def main() -> None:
     parser.add_argument("--files", nargs="+", default=list(TARGETS), help="modules to mutate")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
     parser.add_argument("--named", action="store_true", help="run only the breakages named in issue 9")
+    parser.add_argument("--tests", nargs="+", help="test files to run instead of the module's own")
     parser.add_argument("--only", nargs="+", type=int, help="run only these mutant numbers (from --list)")
     parser.add_argument("--report", type=Path, help="append one JSON line per mutant to this file")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per mutant")
     args = parser.parse_args()
     if args.named:
-        run_named(args.timeout)
+        run_named(args.timeout, args.tests)
         return
     mutants = [mutant for file in args.files for mutant in mutants_of(file)]
     if args.list:
@@ -184,7 +185,7 @@ def main() -> None:
         started = time.monotonic()
         original = apply(mutant)
         try:
-            outcome = run_tests(TARGETS[mutant.file], args.timeout)
+            outcome = run_tests(args.tests or TARGETS[mutant.file], args.timeout)
         finally:
             (ROOT / mutant.file).write_text(original)
         seconds = time.monotonic() - started
