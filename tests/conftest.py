@@ -19,7 +19,9 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two threads at most (CI has two cores); fewer when OMP_NUM_THREADS says so, as tools/mutate.py does to run
+# beside other work: spinning OpenMP threads on shared cores slow each other down many times over.
+torch.set_num_threads(max(1, min(2, int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1)))
 
 TINY_RESOLUTION = 32  # pixels; the tiny VAE halves it once, so latents are 16x16
 TINY_EMBEDDING_SIDE = 32  # input size of the tiny CLIP and DINO-shaped ViT used for metrics

@@ -137,7 +137,8 @@ def run_tests(tests: list[str], timeout: float) -> str:
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow", *tests]
     try:
         # This tree's src/ first: the mutants can be run in a copy (a git worktree) while others work here.
-        environment = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        # One thread: the mutants run beside other work on few cores.
+        environment = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
         result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "killed (timeout)"
