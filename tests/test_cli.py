@@ -21,17 +21,19 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 def test_class_images_train_generate_end_to_end(tiny_model, instance_dir, tmp_path):
     config = tmp_path / "train.yaml"
-    config.write_text(f"instance_prompt: a photo of miru cat\nresolution: {TINY_RESOLUTION}\nlearning_rate: 1e-4\nmax_train_steps: 5\n")
+    config.write_text(f"instance_prompt: a photo of miru cat\nresolution: {TINY_RESOLUTION}\n"
+                      "learning_rate: 1e-4\nmax_train_steps: 5\n")
     result = run_cli("class-images", "--model", str(tiny_model), "--prompt", "a photo of a cat", "--num-images", "2",
                      "--steps", "2", "--output", str(tmp_path / "cats"))
     assert result.returncode == 0, result.stderr
     result = run_cli("train", "--config", str(config), "--model", str(tiny_model), "--instance-dir", str(instance_dir),
-                     "--class-dir", str(tmp_path / "cats"), "--class-prompt", "a photo of a cat", "--num-class-images", "2",
-                     "--max-train-steps", "2", "--output", str(tmp_path / "run"))
+                     "--class-dir", str(tmp_path / "cats"), "--class-prompt", "a photo of a cat",
+                     "--num-class-images", "2", "--max-train-steps", "2", "--output", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2  # the flag beat the file's 5
     result = run_cli("generate", "--model", str(tmp_path / "run"), "--prompt", "a photo of miru cat by the sea",
-                     "--steps", "2", "--guidance", "6", "12", "--seeds", "0", "1", "--output", str(tmp_path / "samples"))
+                     "--steps", "2", "--guidance", "6", "12", "--seeds", "0", "1",
+                     "--output", str(tmp_path / "samples"))
     assert result.returncode == 0, result.stderr
     manifest = [json.loads(line) for line in (tmp_path / "samples" / "manifest.jsonl").read_text().splitlines()]
     assert len(manifest) == 4 and (tmp_path / "samples" / "grid.png").is_file()

@@ -55,7 +55,8 @@ def test_render_is_deterministic_per_seed():
 def test_grammar_is_big_enough_and_covers_every_combination():
     assert {"cat", "dog"} <= set(world.KINDS) and len(world.KINDS) >= 5
     assert len(world.COLOURS) >= 6
-    assert {"by the sea", "in the forest", "in the snow", "in the desert", "at night", "in the city"} <= set(world.SCENES)
+    scenes = {"by the sea", "in the forest", "in the snow", "in the desert", "at night", "in the city"}
+    assert scenes <= set(world.SCENES)
     rng = random.Random(0)
     for kind in world.KINDS:
         for scene in world.SCENES:
@@ -85,7 +86,8 @@ def test_captions_match_specs():
 
 def test_markings_caption():
     spec = world.miru_spec(random.Random(0), scene="by the sea")
-    assert world.full_caption(spec) == "a photo of a white cat with orange ears, a blue collar and a black tail by the sea"
+    assert world.full_caption(spec) == ("a photo of a white cat with orange ears, a blue collar and a black tail "
+                                        "by the sea")
 
 
 # ------------------------------------------------------------------ miru
@@ -139,8 +141,9 @@ def test_bpe_merges_are_reproducible():
 def test_pretrain_runs_resumes_and_exports(tmp_path, capsys):
     from dreambooth.miniworld import pretrain
 
-    tiny = ["--output", str(tmp_path), "--threads", "1", "--vae-steps", "1", "--decoder-steps", "1", "--clip-steps", "1", "--unet-steps", "1",
-            "--vae-batch", "2", "--decoder-batch", "2", "--clip-batch", "4", "--unet-batch", "2", "--checkpoint-every", "1"]
+    tiny = ["--output", str(tmp_path), "--threads", "1", "--checkpoint-every", "1",
+            "--vae-steps", "1", "--decoder-steps", "1", "--clip-steps", "1", "--unet-steps", "1",
+            "--vae-batch", "2", "--decoder-batch", "2", "--clip-batch", "4", "--unet-batch", "2"]
     pretrain.main(tiny)
     assert (tmp_path / "pipeline" / "model_index.json").exists() and (tmp_path / "world-clip" / "config.json").exists()
     pretrain.main(tiny + ["--resume", "--stages", "vae,decoder,clip,unet"])

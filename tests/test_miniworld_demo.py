@@ -50,7 +50,8 @@ def test_demo_writes_grids_loss_curve_and_numbers(demo):
     assert len(list((output / "class-images").glob("*.png"))) == config.num_class_images
     assert not (output / "run-no-prior" / "class-images").exists()
     masks = sorted(p.name for p in (output / "instance-masks").glob("*.png"))
-    assert masks == sorted(p.name for p in (output / "instance").glob("*.png")) and len(masks) == config.num_instance_images
+    assert masks == sorted(p.name for p in (output / "instance").glob("*.png"))
+    assert len(masks) == config.num_instance_images
 
 
 def test_dreambooth_learns_miru_without_forgetting_the_class(demo):

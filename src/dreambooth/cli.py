@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for name, (config_class, _, summary) in COMMANDS.items():
         sub = commands.add_parser(name, help=summary, description=config_class.__doc__)
-        sub.add_argument("--config", metavar="FILE", help="YAML or TOML file with the same keys as the flags (snake_case); flags win.")
+        sub.add_argument("--config", metavar="FILE",
+                         help="YAML or TOML file with the same keys as the flags (snake_case); flags win.")
         sub.add_argument("--debug", action="store_true", help="Show the full traceback of an error.")
         for spec, hint in cli_fields(config_class):
             add_flag(sub, spec, hint)
@@ -119,10 +120,11 @@ def add_flag(parser: argparse.ArgumentParser, spec: dataclasses.Field, hint: Any
     """One flag for one config field; default None so that main() can tell which flags were given."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `X | None`
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-    kwargs: dict[str, Any] = {"default": None, "dest": spec.name, "help": spec.metadata.get("help", "") + default_note(spec)}
+    help_text = spec.metadata.get("help", "") + default_note(spec)
+    kwargs: dict[str, Any] = {"default": None, "dest": spec.name, "help": help_text}
     if spec.metadata.get("positional"):
         # Optional on the command line so that a --config file may give it instead.
-        parser.add_argument(spec.name, nargs="?", type=hint, default=None, metavar=spec.name.upper(), help=kwargs["help"])
+        parser.add_argument(spec.name, nargs="?", type=hint, default=None, metavar=spec.name.upper(), help=help_text)
         return
     if hint is bool:
         parser.add_argument(flag_name(spec.name), action=argparse.BooleanOptionalAction, **kwargs)

@@ -30,7 +30,8 @@ def weights_available() -> bool:
 
 
 def register_aliases() -> None:
-    """`--model miniworld` is the miniature Stable Diffusion; `--clip-model` / `--dino-model miniworld` the world-CLIP."""
+    """`--model miniworld` names the miniature Stable Diffusion; `--clip-model` / `--dino-model miniworld`
+    the world-CLIP (the package's `dreambooth.aliases` entry point)."""
     from dreambooth.aliases import register_embedding_alias, register_model_alias
 
     register_model_alias(ALIAS, base_model_path, "the miniature Stable Diffusion shipped with the package")

@@ -50,7 +50,8 @@ class DemoConfig:
     output: str = option("demo-output", "Folder for the demo's photos, run, images and report.")
     max_train_steps: int = option(160, "Training steps.", positive=True)
     learning_rate: float = option(
-        2e-4, "UNet learning rate (tiny models take larger steps than SD; the text encoder gets a tenth).", positive=True)
+        2e-4, "UNet learning rate (tiny models take larger steps than SD; the text encoder gets a tenth).",
+        positive=True)
     train_batch_size: int = option(4, "Instance images per step (as many class images are added).", positive=True)
     train_text_encoder: bool = option(True, "Also fine-tune the text encoder, so the rare word \"miru\" binds fast.")
     token_embedding_learning_rate: float = option(
@@ -110,7 +111,8 @@ def run_demo(config: DemoConfig) -> Path:
     from dreambooth.train import train
 
     if not weights_available():
-        raise UserError("the miniature world's weights are not installed; run `python -m dreambooth.miniworld.pretrain`")
+        raise UserError("the miniature world's weights are not installed; "
+                        "run `python -m dreambooth.miniworld.pretrain`")
     output = Path(config.output)
     claim_demo_folder(output, config.overwrite)
     total = 6 if config.compare_without_prior else 5
@@ -244,7 +246,8 @@ def write_demo_report(output: Path, numbers: dict[str, Any], run) -> Path:
         "",
     ]
     if "no_prior" in numbers:
-        lines += ["## The same fine-tuning without prior preservation", "", "![no prior](samples-no-prior/grid.png)", ""]
+        lines += ["## The same fine-tuning without prior preservation", "",
+                  "![no prior](samples-no-prior/grid.png)", ""]
     lines += [
         "## The base model asked for a white cat (no DreamBooth)",
         "",

@@ -68,7 +68,8 @@ def draw_background(scene: str, seed: int) -> Image.Image:
             x = rng.randint(-4, SIZE)
             w = rng.randint(8, 14)
             d.rectangle((x + w // 2 - 1, horizon - 8, x + w // 2 + 2, horizon + 2), fill=(92, 60, 30))
-            d.polygon([(x, horizon - 6), (x + w, horizon - 6), (x + w // 2, rng.randint(2, 12))], fill=jitter((20, 100, 40)))
+            d.polygon([(x, horizon - 6), (x + w, horizon - 6), (x + w // 2, rng.randint(2, 12))],
+                      fill=jitter((20, 100, 40)))
         d.rectangle((0, horizon, SIZE, SIZE), fill=jitter((70, 140, 50)))
     elif scene == "in the snow":
         d.rectangle((0, 0, SIZE, horizon), fill=jitter((200, 212, 228)))

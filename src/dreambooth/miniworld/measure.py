@@ -132,9 +132,9 @@ def measure_world_clip(judge: EmbeddingModels, n: int = 1000, seed: int = 1234) 
     result["miru_detected_on_miru"] = float(np.mean(detect_miru(judge, None, embeddings=miru)))
     result["miru_detected_on_white_cats"] = float(np.mean(detect_miru(judge, None, embeddings=plain)))
     # Stricter: every part's colour read correctly out of all 343 ear/collar/tail combinations.
-    result["miru_parts_read_on_miru"] = float(np.mean(has_miru_markings(predict_markings(judge, None, embeddings=miru))))
-    result["miru_parts_read_on_white_cats"] = float(np.mean(has_miru_markings(
-        predict_markings(judge, None, embeddings=plain))))
+    for name, embeddings in (("miru", miru), ("white_cats", plain)):
+        markings = predict_markings(judge, None, embeddings=embeddings)
+        result[f"miru_parts_read_on_{name}"] = float(np.mean(has_miru_markings(markings)))
     result["n"] = n
     return result
 
@@ -197,7 +197,8 @@ def write_report(results: dict, folder: Path = WEIGHTS) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pipeline", default=ALIAS, help="base model: diffusers folder or model name (default: shipped)")
+    parser.add_argument("--pipeline", default=ALIAS,
+                        help="base model: diffusers folder or model name (default: shipped)")
     parser.add_argument("--world-clip", default=ALIAS, help="world-CLIP folder or model name (default: shipped)")
     parser.add_argument("--n", type=int, default=200, help="generations judged")
     parser.add_argument("--steps", type=int, default=25)

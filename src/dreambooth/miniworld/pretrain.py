@@ -6,8 +6,9 @@ Stages, each resumable from OUTPUT/checkpoints/<stage>.pt: (1) the VAE, (1b) its
 (2) the world-CLIP, (3) the UNet jointly with the generator's own text encoder, then (4) export of
 fp16 diffusers / transformers folders to OUTPUT/pipeline and OUTPUT/world-clip. On 2 cores, run
 `--stages vae` first, then `--stages decoder`, `--stages clip` and `--stages unet` as one-thread
-processes side by side (`--threads 1`; two-thread processes stall each other), then `--stages export`. Images are rendered on the fly; the
-data of step k comes from a RNG seeded by (seed, stage, k), so a resumed run sees the same data.
+processes side by side (`--threads 1`; two-thread processes stall each other), then `--stages export`.
+Images are rendered on the fly; the data of step k comes from a RNG seeded by (seed, stage, k), so a
+resumed run sees the same data.
 The generator's data never contains markings; the world-CLIP's does.
 """
 
@@ -325,7 +326,8 @@ STAGES = ("vae", "decoder", "clip", "unet", "export")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, required=True, help="folder for checkpoints, log and exported models")
-    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints (else it must be empty)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUTPUT/checkpoints (else it must be empty)")
     for field, value in asdict(PretrainConfig()).items():
         kind = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
         parser.add_argument(f"--{field.replace('_', '-')}", type=kind, default=value)

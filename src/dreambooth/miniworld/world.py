@@ -94,9 +94,10 @@ def look_alike_specs(rng: random.Random, n: int, marking_rate: float = 0.5) -> l
         elif rng.random() < 0.33:
             marks = dict(MIRU_MARKINGS)
         else:
-            marks = {p: c for p, c in zip(("ears", "collar", "tail"), (rng.choice(list(MARKING_COLOURS)) for _ in range(3)))
-                     if rng.random() < 0.6}
-        marks = {p: (c if c is None or MARKING_COLOURS[c] != COLOURS[animal.colour] else None) for p, c in marks.items()}
+            colours = (rng.choice(list(MARKING_COLOURS)) for _ in range(3))
+            marks = {p: c for p, c in zip(("ears", "collar", "tail"), colours) if rng.random() < 0.6}
+        marks = {p: (c if c is None or MARKING_COLOURS[c] != COLOURS[animal.colour] else None)
+                 for p, c in marks.items()}
         marking_twin = replace(sample_spec(rng, kind=animal.kind, colour=animal.colour, scene=animal.scene), **marks)
         specs += [base, kind_twin, marking_twin, sample_spec(rng, marking_rate=marking_rate)]
     return specs[:n]
