@@ -135,8 +135,8 @@ def hand_first_step(model: Path, config: TrainConfig) -> HandStep:
         instance = per_example[: config.train_batch_size].mean()
         prior = per_example[config.train_batch_size :].mean() if config.class_prompt else None
         micro_losses.append(instance + config.prior_loss_weight * prior if prior is not None else instance)
-        instance_terms.append(float(instance))
-        prior_terms += [float(prior)] if prior is not None else []
+        instance_terms.append(instance.item())
+        prior_terms += [prior.item()] if prior is not None else []
     loss = torch.stack(micro_losses).mean()
     loss.backward()
     components = {"unet": unet} | ({"text_encoder": text_encoder} if config.train_text_encoder else {})
@@ -148,7 +148,7 @@ def hand_first_step(model: Path, config: TrainConfig) -> HandStep:
         embedding.mul_(keep)  # only the identifier's rows learn
     base = {name: {key: p.detach().clone() for key, p in module.named_parameters()}
             for name, module in components.items()}
-    return HandStep(float(loss), float(np.mean(instance_terms)), float(np.mean(prior_terms)) if prior_terms else None,
+    return HandStep(loss.item(), float(np.mean(instance_terms)), float(np.mean(prior_terms)) if prior_terms else None,
                     grads, base, first_pixels, identifier_rows)
 
 
