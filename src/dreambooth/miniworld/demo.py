@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from dreambooth.config import GenerateConfig, TrainConfig, option, validate_fields
 from dreambooth.errors import UserError
-from dreambooth.files import atomic_write_text, move_aside, read_jsonl
+from dreambooth.files import MANIFEST, atomic_write_text, move_aside, read_jsonl
 from dreambooth.miniworld import weights_available
 
 if TYPE_CHECKING:
@@ -176,7 +176,7 @@ def measure(samples: Path, instance_dir: Path, judge: EmbeddingModels) -> dict[s
     from dreambooth.miniworld.measure import detect_miru, embed_images, zero_shot
 
     rows = evaluate_samples(samples, instance_dir, judge, class_prompt=CLASS_PROMPT)
-    manifest = read_jsonl(samples / "manifest.jsonl")
+    manifest = read_jsonl(samples / MANIFEST)
     result: dict[str, Any] = {}
     for setting in sorted({(r["steps"], r["guidance"]) for r in manifest}):
         records = [r for r in manifest if (r["steps"], r["guidance"]) == setting and r["prompt"] != CLASS_PROMPT]
