@@ -127,6 +127,15 @@ def run_stage(out: Path, name: str, steps: int, step_fn, every: int, state: dict
             save_checkpoint(path, step + 1, **state)
 
 
+def optimizer_step(loss: torch.Tensor, params, opt, sched) -> None:
+    """Backpropagate `loss`, clip the gradient norm to 1, step the optimizer and its schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
 # ----------------------------------------------------------------------------------------------
 # Stages
 
@@ -143,11 +152,7 @@ def train_vae(out: Path, cfg: PretrainConfig, vae) -> None:
         posterior = vae.encode(x0).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss = F.l1_loss(recon, x0) + F.mse_loss(recon, x0) + cfg.vae_kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, vae.parameters(), opt, sched)
         return loss.item()
 
     vae.train()
@@ -169,11 +174,7 @@ def train_decoder(out: Path, cfg: PretrainConfig, vae) -> None:
             latents = vae.encode(x0).latent_dist.sample(generator=gen)
         recon = vae.decode(latents).sample
         loss = F.l1_loss(recon, x0) + F.mse_loss(recon, x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, params, opt, sched)
         return loss.item()
 
     vae.decoder.train()
@@ -231,11 +232,7 @@ def train_world_clip(out: Path, cfg: PretrainConfig, clip, tokenizer, vae) -> No
         img = getattr(img, "pooler_output", img)
         txt = getattr(txt, "pooler_output", txt)
         loss = clip_loss(img, txt, clip.logit_scale.exp().clamp(max=100), captions)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, clip.parameters(), opt, sched)
         return loss.item()
 
     clip.train()
@@ -261,11 +258,7 @@ def train_unet(out: Path, cfg: PretrainConfig, unet, text_encoder, tokenizer, va
         captions = ["" if rng.random() < cfg.caption_dropout else world.random_caption(s, rng) for s in specs]
         batch = {"pixel_values": images_tensor(images), "prompts": captions, "num_instance": len(captions)}
         loss = micro_batch_loss(batch, gen, models, settings).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, params, opt, sched)
         ema_unet.step(unet.parameters())
         ema_text.step(text_encoder.parameters())
         return loss.item()
