@@ -156,19 +156,22 @@ def clip_folder(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("tiny-clip")
     write_tiny_tokenizer(folder / "_tok")
-    tokenizer = CLIPTokenizer(str(folder / "_tok" / "vocab.json"), str(folder / "_tok" / "merges.txt"), model_max_length=77)
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    tokenizer = CLIPTokenizer(str(folder / "_tok" / "vocab.json"), str(folder / "_tok" / "merges.txt"),
+                              model_max_length=77)
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     config = CLIPConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=77, **ids),
-        vision_config=dict(image_size=TINY_EMBEDDING_SIDE, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                           num_attention_heads=4),
+        vision_config=dict(image_size=TINY_EMBEDDING_SIDE, patch_size=8, hidden_size=32, intermediate_size=37,
+                           num_hidden_layers=2, num_attention_heads=4),
         projection_dim=16,
     )
     CLIPModel(config).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": TINY_EMBEDDING_SIDE}, crop_size={"height": TINY_EMBEDDING_SIDE, "width": TINY_EMBEDDING_SIDE}).save_pretrained(folder)
+    crop_size = {"height": TINY_EMBEDDING_SIDE, "width": TINY_EMBEDDING_SIDE}
+    CLIPImageProcessor(size={"shortest_edge": TINY_EMBEDDING_SIDE}, crop_size=crop_size).save_pretrained(folder)
     return folder
 
 
@@ -179,9 +182,9 @@ def dino_folder(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("tiny-dino")
     torch.manual_seed(1)
-    config = ViTConfig(image_size=TINY_EMBEDDING_SIDE, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                       num_attention_heads=4)
+    config = ViTConfig(image_size=TINY_EMBEDDING_SIDE, patch_size=8, hidden_size=32, intermediate_size=37,
+                       num_hidden_layers=2, num_attention_heads=4)
     ViTModel(config, add_pooling_layer=False).save_pretrained(folder, safe_serialization=True)
-    ViTImageProcessor(size={"height": TINY_EMBEDDING_SIDE, "width": TINY_EMBEDDING_SIDE}, image_mean=[0.485, 0.456, 0.406],
-                      image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    ViTImageProcessor(size={"height": TINY_EMBEDDING_SIDE, "width": TINY_EMBEDDING_SIDE},
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
     return folder

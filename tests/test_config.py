@@ -9,7 +9,8 @@ REQUIRED = {"model": "m", "instance_dir": "d", "instance_prompt": "a photo of mi
 
 
 def test_flags_override_file_and_defaults_fill_the_rest():
-    config = build_config(TrainConfig, {**REQUIRED, "learning_rate": 1e-6, "max_train_steps": 50}, {"max_train_steps": 9})
+    config = build_config(TrainConfig, {**REQUIRED, "learning_rate": 1e-6, "max_train_steps": 50},
+                          {"max_train_steps": 9})
     assert config.learning_rate == 1e-6 and config.max_train_steps == 9 and config.resolution == 512
 
 

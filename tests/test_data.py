@@ -366,7 +366,8 @@ def test_masks_are_cut_with_the_same_crop_and_flip_as_their_photo():
 def test_masks_do_not_change_the_pixels_or_the_order():
     image = asymmetric(20)
     plain = DreamBoothData([Example(Path("a.png"), "a", image)], None, 16, False, True, seed=2)
-    masked = DreamBoothData([Example(Path("a.png"), "a", image, mask=left_half_mask(20))], None, 16, False, True, seed=2)
+    masked = DreamBoothData([Example(Path("a.png"), "a", image, mask=left_half_mask(20))], None, 16, False, True,
+                            seed=2)
     assert "masks" not in plain.batch([0])
     for k in range(5):
         assert torch.equal(plain.batch([k])["pixel_values"], masked.batch([k])["pixel_values"])

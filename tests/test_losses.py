@@ -9,7 +9,8 @@ from dreambooth.losses import dreambooth_loss, mask_pixel_weights, min_snr_weigh
 
 
 def scheduler(prediction_type: str) -> DDPMScheduler:
-    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         prediction_type=prediction_type)
 
 
 def test_prior_preservation_loss_is_instance_mse_plus_weighted_class_mse():

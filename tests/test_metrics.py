@@ -48,7 +48,8 @@ def write_samples(folder: Path, groups: dict[tuple, dict[str, list[Path]]]) -> N
                 name = f"images/s{steps}-g{guidance:g}-p{p}-seed{seed}.png"
                 (folder / name).write_bytes(source.read_bytes())
                 lines.append({"file": name, "prompt": prompt, "negative_prompt": "", "seed": seed, "steps": steps,
-                              "guidance": guidance, "scheduler": "ddim", "model": "tiny", "height": SIDE, "width": SIDE})
+                              "guidance": guidance, "scheduler": "ddim", "model": "tiny",
+                              "height": SIDE, "width": SIDE})
     write_jsonl(folder / "manifest.jsonl", lines)
 
 
@@ -73,9 +74,12 @@ def test_dino_embedding_is_the_normalised_cls_token(models, dino_folder, tmp_pat
     got = image_embeddings(models, images, "dino", batch_size=2)
     # Preprocess by hand (no resize at 32 px): scale to [0, 1], ImageNet mean and std.
     pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])).permute(0, 3, 1, 2)
-    pixels = (pixels - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    imagenet_mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    imagenet_std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    pixels = (pixels - imagenet_mean) / imagenet_std
     with torch.no_grad():
-        cls = ViTModel.from_pretrained(dino_folder, add_pooling_layer=False)(pixel_values=pixels).last_hidden_state[:, 0]
+        vit = ViTModel.from_pretrained(dino_folder, add_pooling_layer=False)
+        cls = vit(pixel_values=pixels).last_hidden_state[:, 0]
     assert got.shape == (3, 32)
     torch.testing.assert_close(got, torch.nn.functional.normalize(cls, dim=-1), atol=1e-5, rtol=1e-4)
 
@@ -125,11 +129,13 @@ def test_every_metric_matches_a_hand_computation(models, tmp_path):
     rows = evaluate_samples(tmp_path / "samples", refs, models, class_prompt=CLASS_PROMPT, batch_size=3)
     json.dumps(rows)  # plain JSON-able values
     assert [(r["steps"], r["guidance"], r["prompt"], r["n"]) for r in rows] == [
-        (30, 6.0, "a photo of miru cat", 4), (30, 6.0, "a photo of miru cat by the sea", 3), (50, 12.0, "a photo of miru cat", 2)]
+        (30, 6.0, "a photo of miru cat", 4), (30, 6.0, "a photo of miru cat by the sea", 3),
+        (50, 12.0, "a photo of miru cat", 2)]
 
     ref_dino = image_embeddings(models, load(photos[:4]), "dino")
     ref_clip = image_embeddings(models, load(photos[:4]), "clip")
-    class_pres = {30: [mean_pairwise_cosine(image_embeddings(models, load([p]), "dino"), ref_dino) for p in photos[7:9]],
+    class_pres = {30: [mean_pairwise_cosine(image_embeddings(models, load([p]), "dino"), ref_dino)
+                       for p in photos[7:9]],
                   50: [mean_pairwise_cosine(image_embeddings(models, load([photos[0]]), "dino"), ref_dino)]}
     for row in rows:
         sources = subject[row["prompt"]] if row["steps"] == 30 else photos[1:3]
@@ -139,7 +145,8 @@ def test_every_metric_matches_a_hand_computation(models, tmp_path):
         per_image = {"dino": (dino @ ref_dino.T).mean(1), "clip_i": (clip @ ref_clip.T).mean(1), "clip_t": clip @ text}
         for name, values in per_image.items():
             assert row[name] == pytest.approx(float(values.mean()), abs=1e-5), name
-            assert row[f"{name}_se"] == pytest.approx(float(values.std(unbiased=True)) / math.sqrt(len(sources)), abs=1e-5)
+            expected_se = float(values.std(unbiased=True)) / math.sqrt(len(sources))
+            assert row[f"{name}_se"] == pytest.approx(expected_se, abs=1e-5)
         distances = [1 - float(dino[i] @ dino[j]) for i, j in itertools.combinations(range(len(sources)), 2)]
         assert row["div"] == pytest.approx(statistics.fmean(distances), abs=1e-5)
         assert row["div_se"] == pytest.approx(standard_error(distances), abs=1e-6)
@@ -160,7 +167,8 @@ def test_each_file_is_embedded_once_across_calls(models, tmp_path):
         evaluate_samples(tmp_path / "samples", tmp_path / "refs", models, batch_size=2)
         second = list(batches)
         # A file rewritten under the same name is embedded again.
-        Image.open(photos[1]).transpose(Image.FLIP_LEFT_RIGHT).save(tmp_path / "samples" / "images" / "s30-g6-p0-seed2.png")
+        flipped = Image.open(photos[1]).transpose(Image.FLIP_LEFT_RIGHT)
+        flipped.save(tmp_path / "samples" / "images" / "s30-g6-p0-seed2.png")
         evaluate_samples(tmp_path / "samples", tmp_path / "refs", models, batch_size=2)
     finally:
         hook.remove()

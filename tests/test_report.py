@@ -38,7 +38,8 @@ def run_loss(step: int, lr: float) -> float:
 
 
 def make_sweep(root: Path, *, metrics: bool = True) -> Path:
-    """2 runs, 4 trials (2 learning rates x 600/900 steps), 2 sampling settings, 2 prompts + the class prompt, 2 seeds."""
+    """2 runs, 4 trials (2 learning rates x 600/900 steps), 2 sampling settings, 2 prompts + the class prompt,
+    2 seeds."""
     directory = root / "sweep-out"
     (directory).mkdir(parents=True)
     (directory / "sweep.yaml").write_text("identifier: miru\nclass: cat\nclass_prompt: a photo of a cat\n"
@@ -102,21 +103,26 @@ def image_sources(html_text: str) -> list[str]:
 # The ranking rule and the pooled statistics -------------------------------------------------------------
 
 def test_rank_by_mean_of_dino_and_clip_t_ranks():
-    entries = [{"trial": "A", "dino": 0.70, "clip_t": 0.28, "pres": 0.5}, {"trial": "B", "dino": 0.65, "clip_t": 0.31, "pres": 0.5},
-               {"trial": "C", "dino": 0.60, "clip_t": 0.30, "pres": 0.5}, {"trial": "D", "dino": 0.55, "clip_t": 0.25, "pres": 0.1}]
+    entries = [{"trial": "A", "dino": 0.70, "clip_t": 0.28, "pres": 0.5},
+               {"trial": "B", "dino": 0.65, "clip_t": 0.31, "pres": 0.5},
+               {"trial": "C", "dino": 0.60, "clip_t": 0.30, "pres": 0.5},
+               {"trial": "D", "dino": 0.55, "clip_t": 0.25, "pres": 0.1}]
     ranked = rank_trials(entries)
     # DINO ranks A1 B2 C3 D4, CLIP-T ranks B1 C2 A3 D4 -> means A 2, B 1.5, C 2.5, D 4; D's low PRES cannot lift it.
     assert [e["trial"] for e in ranked] == ["B", "A", "C", "D"]
-    assert [(e["dino_rank"], e["clip_t_rank"], e["mean_rank"]) for e in ranked] == [(2, 1, 1.5), (1, 3, 2), (3, 2, 2.5), (4, 4, 4)]
+    assert [(e["dino_rank"], e["clip_t_rank"], e["mean_rank"]) for e in ranked] == [
+        (2, 1, 1.5), (1, 3, 2), (3, 2, 2.5), (4, 4, 4)]
     assert [e["rank"] for e in ranked] == [1, 2, 3, 4]
 
 
 def test_rank_ties_broken_by_lower_pres_then_higher_dino():
     # A and B tie on mean rank (1.5 each); B has the lower PRES, so it wins despite its lower DINO.
-    pres_decides = [{"trial": "A", "dino": 0.9, "clip_t": 0.2, "pres": 0.6}, {"trial": "B", "dino": 0.8, "clip_t": 0.3, "pres": 0.5}]
+    pres_decides = [{"trial": "A", "dino": 0.9, "clip_t": 0.2, "pres": 0.6},
+                    {"trial": "B", "dino": 0.8, "clip_t": 0.3, "pres": 0.5}]
     assert [e["trial"] for e in rank_trials(pres_decides)] == ["B", "A"]
     # Equal PRES: the higher DINO wins (listed second, so input order alone would not put it first).
-    dino_decides = [{"trial": "B", "dino": 0.8, "clip_t": 0.3, "pres": 0.5}, {"trial": "A", "dino": 0.9, "clip_t": 0.2, "pres": 0.5}]
+    dino_decides = [{"trial": "B", "dino": 0.8, "clip_t": 0.3, "pres": 0.5},
+                    {"trial": "A", "dino": 0.9, "clip_t": 0.2, "pres": 0.5}]
     assert [e["trial"] for e in rank_trials(dino_decides)] == ["A", "B"]
     # Equal values share a rank; unmeasured values rank last; unmeasured PRES loses a tie to a measured one.
     shared = rank_trials([{"trial": "X", "dino": 0.5, "clip_t": 0.3, "pres": None},

@@ -60,7 +60,8 @@ def test_trial_records_keep_each_trials_newest_line(tmp_path):
     for record in ({"trial": "a", "status": "pending"}, {"trial": "b", "status": "pending"}, {"note": "no trial"},
                    {"trial": "a", "status": "done"}):
         append_jsonl(tmp_path / "trials.jsonl", record)
-    assert read_trial_records(tmp_path) == {"a": {"trial": "a", "status": "done"}, "b": {"trial": "b", "status": "pending"}}
+    assert read_trial_records(tmp_path) == {"a": {"trial": "a", "status": "done"},
+                                            "b": {"trial": "b", "status": "pending"}}
     assert read_trial_records(tmp_path / "missing") == {}
 
 
@@ -97,7 +98,8 @@ def test_sweep_identifier_is_also_the_training_identifier(tiny_model, instance_d
     assert sweep.filled_prompts == ["a photo of miru cat by the sea"]
 
 
-def test_two_rates_by_two_step_counts_train_exactly_two_runs_and_resume(tiny_model, instance_dir, tmp_path, monkeypatch):
+def test_two_rates_by_two_step_counts_train_exactly_two_runs_and_resume(tiny_model, instance_dir, tmp_path,
+                                                                        monkeypatch):
     sweep_file = write_sweep(tmp_path, tiny_model, instance_dir)
     output = tmp_path / "sweep"
     # First attempt: killed while sampling the third trial.
@@ -156,7 +158,8 @@ def test_measured_sweep_shares_class_images_and_writes_metrics(tiny_model, insta
                                                                tmp_path):
     sweep_file = write_sweep(
         tmp_path, tiny_model, instance_dir, class_prompt="a photo of a cat", num_class_images=2, class_image_steps=2,
-        grid={"prior_loss_weight": [0.0, 1.0], "learning_rate": [1e-3], "max_train_steps": [1]}, sampling={"steps": [2], "guidance": [3.0]},
+        grid={"prior_loss_weight": [0.0, 1.0], "learning_rate": [1e-3], "max_train_steps": [1]},
+        sampling={"steps": [2], "guidance": [3.0]},
         evaluation={"clip_model": str(clip_folder), "dino_model": str(dino_folder)},
     )
     output = tmp_path / "sweep"

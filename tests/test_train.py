@@ -42,7 +42,8 @@ def test_unet_changes_and_frozen_text_encoder_stays_bit_identical(tiny_model, in
     assert max_difference(weights(tiny_model, "unet"), weights(paths.pipeline, "unet")) > 1e-4
     base_text, tuned_text = weights(tiny_model, "text_encoder"), weights(paths.pipeline, "text_encoder")
     assert all(torch.equal(base_text[k], tuned_text[k]) for k in base_text)
-    assert all(torch.equal(a, b) for a, b in zip(weights(tiny_model, "vae").values(), weights(paths.pipeline, "vae").values()))
+    base_vae, tuned_vae = weights(tiny_model, "vae"), weights(paths.pipeline, "vae")
+    assert all(torch.equal(a, b) for a, b in zip(base_vae.values(), tuned_vae.values()))
 
 
 def test_train_text_encoder_changes_it(tiny_model, instance_dir, tmp_path):
@@ -53,7 +54,8 @@ def test_train_text_encoder_changes_it(tiny_model, instance_dir, tmp_path):
 
 def test_run_folder_holds_every_fixed_name(tiny_model, instance_dir, tmp_path):
     paths = train(make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=3, save_pipeline_at=[2, 3],
-                              validation_prompt=["a photo of miru cat"], validation_every=2, validation_sampling_steps=2))
+                              validation_prompt=["a photo of miru cat"], validation_every=2,
+                              validation_sampling_steps=2))
     at_step_2 = weights(paths.pipeline_at(2), "unet")
     assert max_difference(at_step_2, weights(paths.pipeline, "unet")) > 0
     assert max_difference(at_step_2, weights(tiny_model, "unet")) > 0
@@ -156,7 +158,8 @@ def test_masks_reach_the_loss(tiny_model, instance_dir, tmp_path):
     whole = train(make_config(tiny_model, instance_dir, tmp_path / "whole",
                               instance_mask_dir=str(write_masks(instance_dir, tmp_path / "white", 255))))
     nothing = train(make_config(tiny_model, instance_dir, tmp_path / "nothing", mask_background_weight=0.0,
-                                adam_weight_decay=0.0, instance_mask_dir=str(write_masks(instance_dir, tmp_path / "black", 0))))
+                                adam_weight_decay=0.0,
+                                instance_mask_dir=str(write_masks(instance_dir, tmp_path / "black", 0))))
     losses = [json.loads(p.metrics.read_text().splitlines()[0])["loss"] for p in (plain, whole, nothing)]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)  # a mask over everything changes nothing
     assert losses[2] == 0.0  # no subject and no background weight: nothing left to learn
@@ -183,7 +186,8 @@ def test_output_holding_another_run_is_refused_then_moved_aside(tiny_model, inst
 def test_resume_with_other_settings_is_refused(tiny_model, instance_dir, tmp_path):
     train(make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=1))
     with pytest.raises(UserError, match="learning_rate"):
-        train(make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=2, resume=True, learning_rate=1e-4))
+        train(make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=2, resume=True,
+                          learning_rate=1e-4))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only without a GPU")

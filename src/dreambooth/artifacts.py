@@ -31,7 +31,8 @@ def write_loss_plot(metrics_path: Path, output: Path) -> Path | None:
     axis.plot(steps, smooth([r["loss"] for r in records]), color="tab:blue", label="loss (smoothed)")
     if any("prior_loss" in r for r in records):
         for key, color in (("instance_loss", "tab:orange"), ("prior_loss", "tab:green")):
-            axis.plot(steps, smooth([r.get(key, float("nan")) for r in records]), color=color, label=f"{key} (smoothed)")
+            values = [r.get(key, float("nan")) for r in records]
+            axis.plot(steps, smooth(values), color=color, label=f"{key} (smoothed)")
     axis.set_xlabel("step")
     axis.set_ylabel("MSE")
     axis.grid(alpha=0.3)
@@ -59,7 +60,8 @@ def write_model_card(paths, settings: dict[str, Any]) -> Path:
         f'image = pipeline("{settings["instance_prompt"]} by the sea").images[0]',
         "```",
         "",
-        f"or `dreambooth generate --model {paths.root} --prompt \"{settings['instance_prompt']} by the sea\" --output samples`.",
+        f"or `dreambooth generate --model {paths.root} --prompt \"{settings['instance_prompt']} by the sea\" "
+        "--output samples`.",
         "",
         "## Training",
         "",
@@ -72,12 +74,14 @@ def write_model_card(paths, settings: dict[str, Any]) -> Path:
         lines.append(f"| {key} | {settings.get(key)} |")
     if final:
         lines += ["", f"Final loss {final['loss']:.4f} at step {final['step']}; "
-                      f"lowest {lowest['loss']:.4f} at step {lowest['step']}; {final.get('seconds', 0):.0f} s of training.",
+                      f"lowest {lowest['loss']:.4f} at step {lowest['step']}; "
+                      f"{final.get('seconds', 0):.0f} s of training.",
                   "", "![loss](loss.png)"]
     samples = sorted(paths.validation.glob("step-*/*.png"))
     if samples:
         last_step = samples[-1].parent
         lines += ["", f"## Validation images ({last_step.name})", ""]
-        lines += [f"![{image.stem}](validation/{last_step.name}/{image.name})" for image in sorted(last_step.glob("*.png"))]
+        images = sorted(last_step.glob("*.png"))
+        lines += [f"![{image.stem}](validation/{last_step.name}/{image.name})" for image in images]
     atomic_write_text(paths.model_card, "\n".join(lines) + "\n")
     return paths.model_card

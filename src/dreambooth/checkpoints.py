@@ -101,7 +101,8 @@ def claim_run_folder(paths: RunPaths, settings: dict[str, Any], resume: bool, ov
             print(f"--overwrite: moved the previous run's files to {moved}")
         return
     if not resume:
-        raise UserError(f"--output {root}: already holds a run; pass --resume to continue it or --overwrite to start afresh")
+        raise UserError(f"--output {root}: already holds a run; "
+                        "pass --resume to continue it or --overwrite to start afresh")
     stored = yaml.safe_load(paths.config.read_text()) or {}
     changed = sorted(
         key for key, value in settings.items()

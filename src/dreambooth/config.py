@@ -77,7 +77,8 @@ class TrainConfig:
     """DreamBooth fine-tuning of a Stable Diffusion model on a few instance images."""
 
     model: str = option(help="Base model: hub id, diffusers folder, .safetensors file or a finished RUN folder.")
-    instance_dir: str = option(help="Folder of photos of the subject (jpg, png, webp); a .txt beside an image is its caption.")
+    instance_dir: str = option(help="Folder of photos of the subject (jpg, png, webp); "
+                                    "a .txt beside an image is its caption.")
     instance_prompt: str = option(help='Prompt naming the subject, e.g. "a photo of miru cat".')
     output: str = option(help="The RUN folder to write.")
     instance_mask_dir: str | None = option(
@@ -85,9 +86,11 @@ class TrainConfig:
               "background by --mask-background-weight, so the subject's surroundings are not learned with it.")
     mask_background_weight: float = option(0.1, "Loss weight of the background when masks are given (0 to 1).",
                                            non_negative=True)
-    class_dir: str | None = option(None, "Folder of class images for prior preservation (topped up with the base model).")
+    class_dir: str | None = option(
+        None, "Folder of class images for prior preservation (topped up with the base model).")
     class_prompt: str | None = option(None, 'Class prompt, e.g. "a photo of a cat"; turns on prior preservation.')
-    num_class_images: int = option(200, "Class images to have before training; missing ones are generated.", positive=True)
+    num_class_images: int = option(200, "Class images to have before training; missing ones are generated.",
+                                   positive=True)
     prior_loss_weight: float = option(1.0, "Weight of the class (prior-preservation) loss.", non_negative=True)
     class_image_steps: int = option(25, "Sampling steps when generating class images.", positive=True)
     class_image_guidance: float = option(7.5, "Guidance scale when generating class images.", non_negative=True)
@@ -101,7 +104,8 @@ class TrainConfig:
     lr_scheduler: str = option("constant", "Learning-rate schedule.", choices=LR_SCHEDULES)
     lr_warmup_steps: int = option(0, "Warm-up steps of the schedule.", non_negative=True)
     train_text_encoder: bool = option(False, "Fine-tune the text encoder too.")
-    text_encoder_learning_rate: float | None = option(None, "Text-encoder learning rate (default: --learning-rate).", positive=True)
+    text_encoder_learning_rate: float | None = option(None, "Text-encoder learning rate (default: --learning-rate).",
+                                                      positive=True)
     token_embedding_learning_rate: float | None = option(
         None, "Learning rate of the identifier's token embeddings, the only rows of the embedding table that then "
               "learn: about 100x the text encoder's rate binds the subject's word fast while every other word stays.",
@@ -120,11 +124,13 @@ class TrainConfig:
         1, "Offset noise also over halves, quarters, ... of the latent (match a base model pretrained that way).",
         positive=True)
     snr_gamma: float | None = option(None, "Min-SNR loss weighting gamma (5.0 is the paper's value).", positive=True)
-    save_pipeline_at: list[int] = option([], "Also save the pipeline at these steps, in RUN/pipelines/step-NNNNNN/ (sweeps use this).")
+    save_pipeline_at: list[int] = option(
+        [], "Also save the pipeline at these steps, in RUN/pipelines/step-NNNNNN/ (sweeps use this).")
     checkpoint_every: int = option(0, "Save a resumable checkpoint every N steps (0: never).", non_negative=True)
     keep_checkpoints: int = option(2, "Keep only the newest K checkpoints.", positive=True)
     resume: bool = option(False, "Continue the run in --output from its newest checkpoint.")
-    overwrite: bool = option(False, "Start afresh in an --output that holds a run (the old files are moved aside, not deleted).")
+    overwrite: bool = option(
+        False, "Start afresh in an --output that holds a run (the old files are moved aside, not deleted).")
     validation_prompt: list[str] = option([], "Prompts to render during training (repeat or list several).")
     validation_every: int = option(0, "Render validation images every N steps (0: only at the end).", non_negative=True)
     validation_seeds: list[int] = option([0, 1], "Seeds of the validation images.")
@@ -135,9 +141,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         validate_fields(self)
         if self.resolution % 8:
-            raise UserError(f"--resolution {self.resolution}: must be a multiple of 8 (e.g. {self.resolution // 8 * 8 or 8})")
+            raise UserError(f"--resolution {self.resolution}: must be a multiple of 8 "
+                            f"(e.g. {self.resolution // 8 * 8 or 8})")
         if self.token_embedding_learning_rate and not self.train_text_encoder:
-            raise UserError("--token-embedding-learning-rate needs --train-text-encoder (the embeddings are part of it)")
+            raise UserError("--token-embedding-learning-rate needs --train-text-encoder "
+                            "(the embeddings are part of it)")
         if self.token_embedding_learning_rate and not (self.identifier or self.class_prompt):
             raise UserError("--token-embedding-learning-rate needs --identifier WORD (the word that names the subject) "
                             "or a --class-prompt to find it by")
@@ -180,7 +188,8 @@ class GenerateConfig:
     height: int | None = option(None, "Image height (default: the model's native size).", positive=True)
     width: int | None = option(None, "Image width (default: the model's native size).", positive=True)
     batch_size: int = option(1, "Images rendered at once.", positive=True)
-    overwrite: bool = option(False, "Write into an --output that already holds a generation (old files are moved aside).")
+    overwrite: bool = option(
+        False, "Write into an --output that already holds a generation (old files are moved aside).")
     allow_pickle: bool = option(False, "Allow loading a pickled .ckpt model (runs code from the file).")
 
     def __post_init__(self) -> None:
@@ -204,7 +213,8 @@ class EvaluateConfig:
     reference_dir: str = option(help="Folder of real photos of the subject (the instance images).")
     class_prompt: str | None = option(None, 'Images made with this prompt (e.g. "a photo of a cat") measure PRES.')
     clip_model: str = option("openai/clip-vit-base-patch32", "CLIP model for CLIP-I and CLIP-T: hub id or folder.")
-    dino_model: str = option("facebook/dino-vits16", "DINO ViT for DINO, PRES and DIV: hub id or folder (a CLIP folder works too).")
+    dino_model: str = option(
+        "facebook/dino-vits16", "DINO ViT for DINO, PRES and DIV: hub id or folder (a CLIP folder works too).")
     output: str | None = option(None, "Where to write the metrics (default: SAMPLES/metrics.jsonl).")
     batch_size: int = option(16, "Images embedded at once.", positive=True)
 
@@ -216,11 +226,13 @@ class EvaluateConfig:
 class SweepConfig:
     """Train, sample, evaluate and report a grid of DreamBooth settings, sharing work between trials."""
 
-    sweep: str = option(help="The sweep file (YAML or TOML): base settings, grid, sampling, prompts, seeds.", positional=True)
+    sweep: str = option(help="The sweep file (YAML or TOML): base settings, grid, sampling, prompts, seeds.",
+                        positional=True)
     output: str = option(help="The sweep folder; running the same command again continues where it stopped.")
     devices: list[str] = option([], "GPUs to run training runs on side by side, one per GPU (e.g. --devices 0 1); "
                                     "default: one after another on the default device.")
-    only_run: str | None = option(None, "Work on this one training run of the sweep only (what --devices starts per GPU).")
+    only_run: str | None = option(
+        None, "Work on this one training run of the sweep only (what --devices starts per GPU).")
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -273,7 +285,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(text) if path.suffix.lower() == ".toml" else yaml.safe_load(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as error:
-        raise UserError(f"--config {path}: not valid {'TOML' if path.suffix.lower() == '.toml' else 'YAML'} ({error})") from error
+        kind = "TOML" if path.suffix.lower() == ".toml" else "YAML"
+        raise UserError(f"--config {path}: not valid {kind} ({error})") from error
     if data is None:
         return {}
     if not isinstance(data, dict):

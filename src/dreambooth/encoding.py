@@ -38,7 +38,8 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str], device: torch.de
     return text_encoder(token_ids)[0]
 
 
-def identifier_token_ids(tokenizer, instance_prompt: str, class_prompt: str | None, identifier: str | None) -> list[int]:
+def identifier_token_ids(tokenizer, instance_prompt: str, class_prompt: str | None,
+                         identifier: str | None) -> list[int]:
     """The token ids of the word that names the subject: `identifier` if given, else every token of the
     instance prompt that the class prompt lacks ("miru" in "a photo of miru cat" vs "a photo of a cat")."""
     if identifier:

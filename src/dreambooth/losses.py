@@ -37,11 +37,13 @@ def training_noise(shape: tuple[int, ...] | torch.Size, generator: torch.Generat
     for level in range(offset_noise_levels):
         cells = 2**level
         coarse = torch.randn((*shape[:2], cells, cells), generator=generator)
-        noise = noise + offset_noise / cells * torch.nn.functional.interpolate(coarse, size=tuple(shape[2:]), mode="nearest")
+        upsampled = torch.nn.functional.interpolate(coarse, size=tuple(shape[2:]), mode="nearest")
+        noise = noise + offset_noise / cells * upsampled
     return noise
 
 
-def prediction_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def prediction_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
+                      timesteps: torch.Tensor) -> torch.Tensor:
     """What the UNet should predict: the noise (epsilon models, SD 1.x) or the velocity (v models, SD 2.x 768)."""
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type == "epsilon":

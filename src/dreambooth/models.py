@@ -135,7 +135,8 @@ def load_components(model: str, *, allow_pickle: bool = False) -> Components:
 
 
 def without_safety_checker(source: ModelSource) -> dict[str, Any]:
-    """Loading arguments that skip SD 1.x/2.x's safety checker (about 1.2 GB) where the images are ours, not a user's."""
+    """Loading arguments that skip SD 1.x/2.x's safety checker (about 1.2 GB) where the images are ours,
+    not a user's."""
     return {"safety_checker": None, "requires_safety_checker": False} if source.family == "sd" else {}
 
 
@@ -170,7 +171,8 @@ def inference_dtype(device: torch.device) -> torch.dtype:
 
 
 def _dtype_keyword() -> str:
-    """diffusers renamed `torch_dtype` to `dtype` (and warns on the old name); older releases know only `torch_dtype`."""
+    """diffusers renamed `torch_dtype` to `dtype` (and warns on the old name); older releases know only
+    `torch_dtype`."""
     import diffusers.utils.deprecation_utils as deprecation
 
     return "dtype" if hasattr(deprecation, "_resolve_dtype") else "torch_dtype"
@@ -240,7 +242,10 @@ def _load_failure(source: ModelSource, error: BaseException) -> str:
                 f"--model {source.requested}: not in the local cache and the hub is offline (HF_HUB_OFFLINE is set); "
                 "download it first or pass a local folder"
             )
-        return f"--model {source.requested}: could not load it from the hub ({first_line}); check the id and your network"
+        return (
+            f"--model {source.requested}: could not load it from the hub ({first_line}); "
+            "check the id and your network"
+        )
     if source.kind == "single_file":
         return (
             f"--model {source.requested}: could not load this checkpoint ({first_line}); single-file loading needs "

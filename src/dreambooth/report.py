@@ -125,7 +125,8 @@ def format_value(value: Any) -> str:
 def trial_label(settings: dict) -> str:
     """The trial's grid values in words, e.g. "lr 3e-06, 900 steps"."""
     words = [WORDS.get(key, key.replace("_", " ") + " {}").format(
-        ("on" if value else "off") if isinstance(value, bool) else format_value(value)) for key, value in settings.items()]
+                 ("on" if value else "off") if isinstance(value, bool) else format_value(value))
+             for key, value in settings.items()]
     return ", ".join(words) or "base settings"
 
 
@@ -187,7 +188,8 @@ def plot_losses(curves: dict[str, list[tuple[int, float, float]]], path: Path) -
         points = curves[name]
         low = min(points, key=lambda p: p[1])
         axes.plot([p[0] for p in points], [p[2] for p in points], linewidth=3.0 - 1.8 * i / max(len(order), 1),
-                  linestyle=("-", "--", "-.", ":")[i % 4], marker="o" if len(points) < 20 else None, label=f"{name} (lowest {low[1]:.4f} at step {low[0]})")
+                  linestyle=("-", "--", "-.", ":")[i % 4], marker="o" if len(points) < 20 else None,
+                  label=f"{name} (lowest {low[1]:.4f} at step {low[0]})")
     axes.set(xlabel="training step", ylabel="loss (smoothed)", title="Training loss of every trial")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
@@ -233,7 +235,8 @@ def read_folder(directory: Path) -> tuple[Folder, dict]:
     metric_rows = [r for r in read_jsonl(directory / METRIC_ROWS) if r.get("trial") in labels]
     entries = summarize(metric_rows)
     # Rows without DINO and CLIP-T (evaluation skipped) cannot name a best model.
-    ranked = rank_trials(entries) if any(math.isfinite(e["dino"]) or math.isfinite(e["clip_t"]) for e in entries) else []
+    scored = any(math.isfinite(e["dino"]) or math.isfinite(e["clip_t"]) for e in entries)
+    ranked = rank_trials(entries) if scored else []
     prompts = list(dict.fromkeys(key[2] for key in images))
     # The plain class prompt (for PRES) has no metric rows of its own; the sweep file names it too.
     class_prompt = plain_class_prompt(sweep.get("class_prompt"), sweep.get("class"))
@@ -247,7 +250,8 @@ def read_folder(directory: Path) -> tuple[Folder, dict]:
 
 
 def choose_prompt(folder: Folder, sweep: dict, prompt: str | None) -> str | None:
-    """The seed table's prompt: the one asked for (placeholders allowed), else the first that is not the class prompt."""
+    """The seed table's prompt: the one asked for (placeholders allowed), else the first that is not the
+    class prompt."""
     if prompt is None:
         return next((p for p in folder.prompts if p not in folder.class_prompts), next(iter(folder.prompts), None))
     filled = fill_prompt(prompt, str(sweep.get("identifier", "")), str(sweep.get("class", "")))
@@ -273,7 +277,8 @@ def summary(f: Folder) -> list[Block]:
 def trials_table(f: Folder) -> list[Block]:
     keys = list(dict.fromkeys(k for t in f.trials for k in (t.get("settings") or {})))
     rows = [[t["trial"], *[format_value((t.get("settings") or {}).get(k, "")) for k in keys], str(t.get("run", "")),
-             str(t.get("step", "")), str(t.get("status", "")) + (f": {str(t['error'])[:300]}" if t.get("error") else "")]
+             str(t.get("step", "")),
+             str(t.get("status", "")) + (f": {str(t['error'])[:300]}" if t.get("error") else "")]
             for t in f.trials]
     return [("h2", "Trials"), ("table", ["Trial", *keys, "Run", "Step", "Status"], rows)]
 

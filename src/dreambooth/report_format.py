@@ -22,9 +22,11 @@ Part = str | Img  # a table cell is a list of parts; "\n" in text is a line brea
 Block = tuple  # ("h1"|"h2"|"p"|"lead"|"pre", text) | ("img", Img) | ("table", header, rows)
 
 
-CSS = """body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;background:#fafafa;color:#222}
+CSS = """\
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;background:#fafafa;color:#222}
 main{max-width:1200px;margin:0 auto;padding:24px 32px;background:#fff}
-h1{font-size:26px;margin:8px 0 12px}h2{font-size:19px;margin:32px 0 10px;border-bottom:1px solid #ddd;padding-bottom:4px}
+h1{font-size:26px;margin:8px 0 12px}\
+h2{font-size:19px;margin:32px 0 10px;border-bottom:1px solid #ddd;padding-bottom:4px}
 table{border-collapse:collapse;margin:8px 0;font-size:13px}
 th,td{border:1px solid #ddd;padding:5px 8px;vertical-align:top;text-align:left}
 th{background:#f2f4f7}tr:nth-child(even) td{background:#fbfbfc}img{display:block;border-radius:3px}
@@ -69,7 +71,8 @@ def render_html(blocks: list[Block]) -> str:
         else:
             header, rows = args
             head = "".join(f"<th>{html_parts(h)}</th>" for h in header)
-            cells = "".join("<tr>" + "".join(f"<td{wrap(c)}>{html_parts(c)}</td>" for c in row) + "</tr>\n" for row in rows)
+            cells = "".join("<tr>" + "".join(f"<td{wrap(c)}>{html_parts(c)}</td>" for c in row) + "</tr>\n"
+                            for row in rows)
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>\n{cells}</tbody></table>")
     title = html.escape(blocks[0][1])
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>\n'
@@ -84,7 +87,8 @@ def md_parts(parts: str | list[Part]) -> str:
             text = html.escape(part, quote=False).replace("\\", "\\\\")  # GitHub renders inline HTML: text stays text
             for char in "`*[]|":
                 text = text.replace(char, "\\" + char)
-            # An underscore inside a word never starts emphasis on GitHub: escape only the others, so names stay greppable.
+            # An underscore inside a word never starts emphasis on GitHub: escape only the others, so names
+            # stay greppable.
             text = re.sub(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])", r"\\_", text)
             out.append(text.replace("\n", "<br>"))
         else:

@@ -83,7 +83,8 @@ def load_sweep(path: str | Path) -> Sweep:
     for section, allowed, name in ((sampling, SAMPLING_KEYS, "sampling"), (evaluation, EVALUATION_KEYS, "evaluation")):
         unknown = set(section) - allowed
         if unknown:
-            raise UserError(f"{path}: unknown key '{sorted(unknown)[0]}' under `{name}:` (known: {', '.join(sorted(allowed))})")
+            raise UserError(f"{path}: unknown key '{sorted(unknown)[0]}' under `{name}:` "
+                            f"(known: {', '.join(sorted(allowed))})")
     for key in ("identifier", "class", "prompts"):
         if not values.get(key):
             raise UserError(f"{path}: `{key}:` is missing")
@@ -225,7 +226,8 @@ def run_on_devices(config: SweepConfig, runs: dict[str, list[Trial]], directory:
                        "--only-run", run]
             result = subprocess.run(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": device})
             if result.returncode != 0:
-                mark(runs[run], "failed", f"worker on device {device} exited with status {result.returncode}", directory)
+                mark(runs[run], "failed", f"worker on device {device} exited with status {result.returncode}",
+                     directory)
         finally:
             free.put(device)
 

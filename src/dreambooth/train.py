@@ -88,7 +88,8 @@ def train(config: TrainConfig) -> RunPaths:
     if config.resume:
         start_step = load_latest_checkpoint(accelerator, paths)
         seconds_before = truncate_metrics(paths, start_step) if start_step else 0.0
-        print(f"resuming {paths.root} at step {start_step}" if start_step else "--resume: no checkpoint yet; starting at step 0")
+        print(f"resuming {paths.root} at step {start_step}" if start_step
+              else "--resume: no checkpoint yet; starting at step 0")
     if accelerator.is_main_process:
         atomic_write_text(paths.config, run_record(config, components))
     if start_step >= config.max_train_steps:
@@ -204,7 +205,8 @@ def step_generator(seed: int, step: int, micro_step: int, process: int) -> torch
 def sample_ids(step: int, micro_step: int, config: TrainConfig, accelerator) -> list[int]:
     """Which examples a micro-batch sees: consecutive ids, so every process and step gets different ones."""
     per_step = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-    first = (step - 1) * per_step + (micro_step * accelerator.num_processes + accelerator.process_index) * config.train_batch_size
+    slot = micro_step * accelerator.num_processes + accelerator.process_index
+    first = (step - 1) * per_step + slot * config.train_batch_size
     return list(range(first, first + config.train_batch_size))
 
 
@@ -234,7 +236,8 @@ def train_step(step: int, components: Components, trained: dict[str, torch.nn.Mo
             has_prior = True
             totals["prior"] += accelerator.gather(parts.prior_loss.detach()).mean().item()
     count = config.gradient_accumulation_steps
-    return StepResult(totals["loss"] / count, totals["instance"] / count, totals["prior"] / count if has_prior else None,
+    return StepResult(totals["loss"] / count, totals["instance"] / count,
+                      totals["prior"] / count if has_prior else None,
                       lr, float(grad_norm) if grad_norm is not None else None)
 
 
