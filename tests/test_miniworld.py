@@ -10,25 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from dreambooth.miniworld import base_model_path, weights_available, world, world_clip_path
+from dreambooth.miniworld import base_model_path, world, world_clip_path
 from dreambooth.miniworld import components
 
 ORANGE = np.array(world.MARKING_COLOURS["orange"], dtype=np.uint8)
-
-
-def require_shipped_weights() -> None:
-    """Skip a test that needs the shipped weights when they are missing, except in CI (the environment
-    variable CI is set), where missing weights are a failure rather than a silently skipped test."""
-    if weights_available():
-        return
-    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-        pytest.fail("the shipped miniworld weights are missing (src/dreambooth/miniworld/weights/); CI must test them")
-    pytest.skip("pretrained miniworld weights not shipped yet")
-
-
-@pytest.fixture
-def shipped_weights() -> None:
-    require_shipped_weights()
 
 
 needs_weights = pytest.mark.usefixtures("shipped_weights")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_miniworld import require_shipped_weights
+from conftest import require_shipped_weights
 
 from dreambooth.errors import UserError
 from dreambooth.miniworld.demo import DemoConfig
