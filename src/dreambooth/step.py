@@ -40,7 +40,6 @@ class StepSettings:
     offset_noise_levels: int
     snr_gamma: float | None  # Min-SNR-gamma weighting; None weighs every timestep alike
     mask_background_weight: float  # loss weight outside the subject, for batches that carry masks
-    text_encoder_grad: bool  # backpropagate into the text encoder (it is being trained)
 
 
 def step_settings(config: TrainConfig) -> StepSettings:
@@ -51,7 +50,6 @@ def step_settings(config: TrainConfig) -> StepSettings:
         offset_noise_levels=config.offset_noise_levels,
         snr_gamma=config.snr_gamma,
         mask_background_weight=config.mask_background_weight,
-        text_encoder_grad=config.train_text_encoder,
     )
 
 
@@ -71,8 +69,8 @@ def micro_batch_loss(batch: dict[str, Any], generator: torch.Generator, models: 
     latents, noise, timesteps = (tensor.to(device) for tensor in (latents, noise, timesteps))
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
     # 3. Predict, conditioned on the prompts.
-    with torch.set_grad_enabled(settings.text_encoder_grad and torch.is_grad_enabled()):
-        hidden_states = encode_prompts(models.text_encoder, models.tokenizer, batch["prompts"], device)
+    # A frozen text encoder (requires_grad off) records no graph; a trained one is backpropagated into.
+    hidden_states = encode_prompts(models.text_encoder, models.tokenizer, batch["prompts"], device)
     with autocast():
         prediction = models.unet(noisy_latents, timesteps, hidden_states).sample
     # 4. What the prediction should have been, and how much each example and pixel counts.

@@ -250,7 +250,7 @@ def train_unet(out: Path, cfg: PretrainConfig, unet, text_encoder, tokenizer, va
     models = SimpleNamespace(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
                              noise_scheduler=noise_scheduler)
     settings = StepSettings(prior_loss_weight=0.0, offset_noise=cfg.unet_lowfreq_noise, offset_noise_levels=3,
-                            snr_gamma=cfg.snr_gamma, mask_background_weight=1.0, text_encoder_grad=True)
+                            snr_gamma=cfg.snr_gamma, mask_background_weight=1.0)
 
     def step(k: int) -> float:
         rng, gen = step_rng(cfg, "unet", k)
