@@ -12,6 +12,7 @@ def test_mix_is_the_documented_polynomial_modulo_two_to_the_63():
     assert mix(7, 2, 5) == ((7 * m + 2) * m + 5) % 2**63
     big = 2**62 + 12345
     assert mix(big, big, big) == ((big * m + big) * m + big) % 2**63
+    assert mix(2**63) == 0 and mix(2**63 + 5) == 5  # every seed fits torch's manual_seed as a positive int64
 
 
 def test_mix_depends_on_order_and_on_every_part():
