@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from dreambooth.config import TrainConfig
 from dreambooth.errors import UserError
-from dreambooth.train import train
+from dreambooth.train import learning_rate_schedule, sample_ids, step_generator, train
 
 from conftest import TINY_RESOLUTION, write_images
 
@@ -220,3 +220,51 @@ def test_expected_losses_of_three_steps(tiny_model, instance_dir, tmp_path):
     measured = [{key: record[key] for key in ("loss", "instance_loss", "prior_loss")} for record in records]
     for got, expected in zip(measured, EXPECTED_LOSSES, strict=True):
         assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_processes_and_micro_batches_of_a_step_see_each_sample_once():
+    """On 2 processes with 2 micro-batches of 3, step s uses sample ids 12(s-1) .. 12s-1, each exactly once."""
+    from types import SimpleNamespace
+
+    config = TrainConfig(model="m", instance_dir="i", instance_prompt="p", output="o", train_batch_size=3,
+                         gradient_accumulation_steps=2)
+    for step in (1, 2, 5):
+        seen = []
+        for process in (0, 1):
+            accelerator = SimpleNamespace(num_processes=2, process_index=process)
+            for micro_step in (0, 1):
+                ids = sample_ids(step, micro_step, config, accelerator)
+                assert ids == list(range(ids[0], ids[0] + 3))
+                seen += ids
+        assert sorted(seen) == list(range(12 * (step - 1), 12 * step))
+    first = [sample_ids(1, 0, config, SimpleNamespace(num_processes=2, process_index=p))[0] for p in (0, 1)]
+    assert first == [0, 3]  # micro-batch 0 of every process first, then micro-batch 1
+
+
+def test_every_process_and_micro_batch_draws_its_own_noise():
+    draws = {(step, micro, process): torch.randn(4, generator=step_generator(3, step, micro, process))
+             for step in (1, 2) for micro in (0, 1) for process in (0, 1)}
+    assert len({tuple(draw.tolist()) for draw in draws.values()}) == 8
+    assert torch.equal(draws[(2, 1, 0)], torch.randn(4, generator=step_generator(3, 2, 1, 0)))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_on_two_processes_the_schedule_follows_the_optimizer_steps(schedule):
+    """accelerate steps the schedule once per process at each optimizer step: the rates per optimizer step
+    must be those of one process."""
+    def rates(num_processes: int) -> list[float]:
+        parameter = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.SGD([parameter], lr=1.0)
+        config = TrainConfig(model="m", instance_dir="i", instance_prompt="p", output="o", lr_scheduler=schedule,
+                             lr_warmup_steps=2, max_train_steps=6)
+        lr_schedule = learning_rate_schedule(optimizer, config, num_processes)
+        found = []
+        for _ in range(6):
+            found.append(lr_schedule.get_last_lr()[0])
+            optimizer.step()
+            for _ in range(num_processes):
+                lr_schedule.step()
+        return found
+
+    assert rates(2) == pytest.approx(rates(1))
+    assert rates(1)[:3] == pytest.approx([0.0, 0.5, 1.0])

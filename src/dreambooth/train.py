@@ -45,8 +45,6 @@ class StepResult:
 
 def train(config: TrainConfig) -> RunPaths:
     """Fine-tune `config.model` on the instance images and write a RUN folder; return its paths."""
-    from diffusers.optimization import get_scheduler
-
     # 1. Claim the run folder before any slow work, so a mistake there fails at once.
     accelerator = make_accelerator(config)
     paths = RunPaths(Path(config.output))
@@ -73,11 +71,7 @@ def train(config: TrainConfig) -> RunPaths:
 
     # 4. Optimizer and learning-rate schedule.
     optimizer = torch.optim.AdamW(parameter_groups(components, config), weight_decay=config.adam_weight_decay)
-    lr_schedule = get_scheduler(
-        config.lr_scheduler, optimizer,
-        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=config.max_train_steps * accelerator.num_processes,
-    )
+    lr_schedule = learning_rate_schedule(optimizer, config, accelerator.num_processes)
     prepared = accelerator.prepare(*trained.values(), optimizer, lr_schedule)
     for name, module in zip(trained, prepared):
         setattr(components, name, module)
@@ -195,6 +189,15 @@ def parameter_groups(components: Components, config: TrainConfig) -> list[dict[s
     embeddings.register_hook(lambda grad: grad * learns)
     groups.append({"params": [embeddings], "lr": config.token_embedding_learning_rate, "weight_decay": 0.0})
     return groups
+
+
+def learning_rate_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, num_processes: int):
+    """diffusers' schedule by name. accelerate steps a prepared schedule once per process at every optimizer
+    step, so its warm-up and length are counted in process-steps."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * num_processes,
+                         num_training_steps=config.max_train_steps * num_processes)
 
 
 def step_generator(seed: int, step: int, micro_step: int, process: int) -> torch.Generator:
