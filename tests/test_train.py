@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -86,14 +87,22 @@ def test_resume_after_two_of_four_steps_equals_four_straight(tiny_model, instanc
                                  train_text_encoder=True, lr_scheduler="linear", random_flip=True))
     interrupted = make_config(tiny_model, instance_dir, tmp_path / "resumed", max_train_steps=4, checkpoint_every=2,
                               train_text_encoder=True, lr_scheduler="linear", random_flip=True)
+    started = time.monotonic()
     first = _train_until(interrupted, stop_after=2)
+    first_wall = time.monotonic() - started
     assert [p.name for p in first.checkpoints.iterdir()] == ["step-000002"]
     interrupted.resume = True
+    started = time.monotonic()
     resumed = train(interrupted)
+    resumed_wall = time.monotonic() - started
     for component in ("unet", "text_encoder"):
         assert max_difference(weights(straight.pipeline, component), weights(resumed.pipeline, component)) == 0.0
-    steps = [json.loads(line)["step"] for line in resumed.metrics.read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    records = [json.loads(line) for line in resumed.metrics.read_text().splitlines()]
+    assert [record["step"] for record in records] == [1, 2, 3, 4]
+    # Training seconds count on across the resume, and never exceed the time the two calls took.
+    seconds = [record["seconds"] for record in records]
+    assert 0 < seconds[0] < seconds[1] <= first_wall
+    assert seconds[1] < seconds[2] < seconds[3] <= seconds[1] + resumed_wall
 
 
 class Crash(Exception):
