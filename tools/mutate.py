@@ -145,7 +145,8 @@ def run_tests(tests: list[str], timeout: float) -> str:
         return "killed (timeout)"
     if result.returncode == 0:
         return "survived"
-    failed = [line.split(" ")[1] for line in result.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    failed = [line.split(" ", 1)[1].split(" - ")[0] for line in result.stdout.splitlines()
+              if line.startswith(("FAILED ", "ERROR "))]
     return f"killed by {failed[0] if failed else 'an error'}"
 
 
