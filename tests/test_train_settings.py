@@ -76,12 +76,15 @@ class Observed:
     vae_inputs: list[torch.Tensor] = field(default_factory=list)
     unet_layer_dtypes: set = field(default_factory=set)
     checkpointing: set = field(default_factory=set)
+    # Frozen or trained, and stored in which dtypes: "vae" / "text_encoder" -> {(requires_grad, dtype)}.
+    frozen_parts: dict = field(default_factory=lambda: {"vae": set(), "text_encoder": set()})
 
 
 @contextlib.contextmanager
 def observe():
     from diffusers import UNet2DConditionModel
     from diffusers.models.autoencoders.vae import Encoder
+    from transformers import CLIPTextModel
     from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -101,6 +104,9 @@ def observe():
         if isinstance(module, UNet2DConditionModel):
             unet_layers.update(id(layer) for layer in module.modules())
             seen.checkpointing.add(module.is_gradient_checkpointing)
+        elif isinstance(module, (Encoder, CLIPTextModel)):  # vae.encode() calls its Encoder, not forward()
+            part = "vae" if isinstance(module, Encoder) else "text_encoder"
+            seen.frozen_parts[part].update((p.requires_grad, p.dtype) for p in module.parameters())
 
     def after_forward(module, args, output):
         if isinstance(module, Encoder):
@@ -153,6 +159,8 @@ def check_first_step(run: Path, hand: HandStep, config: TrainConfig, seen: Obser
     if hand.prior_loss is not None:
         assert first["prior_loss"] == pytest.approx(hand.prior_loss, rel=1e-5)
     assert len(seen.steps) == config.max_train_steps  # one optimizer step per step, whatever the accumulation
+    assert seen.frozen_parts["vae"] == {(False, torch.float32)}  # frozen: no gradients kept for it
+    assert seen.frozen_parts["text_encoder"] == {(config.train_text_encoder, torch.float32)}
     if config.max_train_steps == 1:
         assert_weights_follow_adamw(run, hand, config)
 
@@ -201,6 +209,8 @@ def check_groups(run, hand, config, seen) -> None:
 def check_bf16(run, hand, config, seen) -> None:
     """bf16 autocast: the UNet's layers compute in bfloat16, and the loss is the fp32 loss to bf16 precision."""
     assert torch.bfloat16 in seen.unet_layer_dtypes
+    # Frozen parts are stored in bf16 (half the memory); trained weights stay fp32 for the optimizer.
+    assert seen.frozen_parts == {"vae": {(False, torch.bfloat16)}, "text_encoder": {(False, torch.bfloat16)}}
     loss = recorded(run)[0]["loss"]
     assert loss != hand.loss and loss == pytest.approx(hand.loss, rel=5e-2)
 
