@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from dreambooth.config import TrainConfig
 from dreambooth.errors import UserError
-from dreambooth.train import learning_rate_schedule, sample_ids, step_generator, train
+from dreambooth.train import (learning_rate_schedule, needs_checkpoint, needs_validation, sample_ids,
+                              step_generator, train)
 
 from conftest import TINY_RESOLUTION, write_images
 
@@ -277,3 +278,19 @@ def test_on_two_processes_the_schedule_follows_the_optimizer_steps(schedule):
 
     assert rates(2) == pytest.approx(rates(1))
     assert rates(1)[:3] == pytest.approx([0.0, 0.5, 1.0])
+
+
+@pytest.mark.parametrize("every, expected", [(0, []), (1, [1, 2, 3, 4]), (2, [2, 4]), (3, [3])])
+def test_checkpoints_come_every_n_steps(every, expected):
+    config = TrainConfig(model="m", instance_dir="i", instance_prompt="p", output="o", max_train_steps=5,
+                         checkpoint_every=every)
+    # The last step writes the pipeline instead (step 5 is never a checkpoint).
+    assert [step for step in range(1, 6) if needs_checkpoint(step, config)] == expected
+
+
+@pytest.mark.parametrize("prompts, every, expected", [([], 2, []), (["p"], 0, [5]), (["p"], 1, [1, 2, 3, 4, 5]),
+                                                      (["p"], 2, [2, 4, 5])])
+def test_validation_images_come_every_n_steps_and_at_the_end(prompts, every, expected):
+    config = TrainConfig(model="m", instance_dir="i", instance_prompt="p", output="o", max_train_steps=5,
+                         validation_prompt=prompts, validation_every=every)
+    assert [step for step in range(1, 6) if needs_validation(step, config)] == expected
