@@ -294,3 +294,22 @@ def test_validation_images_come_every_n_steps_and_at_the_end(prompts, every, exp
     config = TrainConfig(model="m", instance_dir="i", instance_prompt="p", output="o", max_train_steps=5,
                          validation_prompt=prompts, validation_every=every)
     assert [step for step in range(1, 6) if needs_validation(step, config)] == expected
+
+
+def test_validation_images_are_what_generate_renders_from_the_saved_model(tiny_model, instance_dir, tmp_path):
+    """The last step's validation image equals a render of the finished pipeline with DDIM, the run's
+    validation sampling steps, guidance 7.5 and the same seed."""
+    import numpy as np
+
+    from dreambooth.models import load_pipeline
+    from dreambooth.sampling import SamplingSetting, render
+
+    paths = train(make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=1,
+                              validation_prompt=["a photo of miru cat"], validation_seeds=[5],
+                              validation_sampling_steps=3))
+    (image,) = paths.validation_step(1).glob("*.png")
+    pipeline = load_pipeline(str(paths.pipeline), torch_dtype=torch.float32)
+    (expected,) = render(pipeline, ["a photo of miru cat"], [5], SamplingSetting(3, 7.5, "ddim"),
+                         height=TINY_RESOLUTION, width=TINY_RESOLUTION)
+    difference = np.abs(np.asarray(Image.open(image), dtype=int) - np.asarray(expected, dtype=int))
+    assert difference.max() <= 1  # the same pixels, up to rounding

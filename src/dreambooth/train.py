@@ -29,6 +29,7 @@ from dreambooth.sampling import SamplingSetting, render, save_png
 from dreambooth.step import micro_batch_loss, step_settings
 
 VALIDATION_SCHEDULER = "ddim"
+VALIDATION_GUIDANCE = 7.5  # Stable Diffusion's usual guidance scale
 NOISE_STREAM = 4  # seeds.mix stream of the step's latents, noise and timesteps (data.py uses streams 0-3)
 
 
@@ -272,7 +273,7 @@ def write_validation_images(components: Components, accelerator, paths: RunPaths
     unwrapped = {name: accelerator.unwrap_model(getattr(components, name)) for name in ("unet", "text_encoder")}
     view = Components(**{**components.__dict__, **unwrapped})
     pipeline = assemble_pipeline(view)
-    setting = SamplingSetting(config.validation_sampling_steps, 7.5, VALIDATION_SCHEDULER)
+    setting = SamplingSetting(config.validation_sampling_steps, VALIDATION_GUIDANCE, VALIDATION_SCHEDULER)
     for module in unwrapped.values():
         module.eval()
     with atomic_dir(paths.validation_step(step)) as folder, accelerator.autocast():
