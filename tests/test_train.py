@@ -100,6 +100,9 @@ def test_resume_after_two_of_four_steps_equals_four_straight(tiny_model, instanc
         assert max_difference(weights(straight.pipeline, component), weights(resumed.pipeline, component)) == 0.0
     records = [json.loads(line) for line in resumed.metrics.read_text().splitlines()]
     assert [record["step"] for record in records] == [1, 2, 3, 4]
+    # The checkpoint's weights are safetensors: resuming runs no pickle code for them.
+    checkpoint = resumed.checkpoint(2)
+    assert list(checkpoint.glob("*.safetensors")) and not list(checkpoint.glob("pytorch_model*.bin"))
     # Training seconds count on across the resume, and never exceed the time the two calls took.
     seconds = [record["seconds"] for record in records]
     assert 0 < seconds[0] < seconds[1] <= first_wall
@@ -313,3 +316,8 @@ def test_validation_images_are_what_generate_renders_from_the_saved_model(tiny_m
                          height=TINY_RESOLUTION, width=TINY_RESOLUTION)
     difference = np.abs(np.asarray(Image.open(image), dtype=int) - np.asarray(expected, dtype=int))
     assert difference.max() <= 1  # the same pixels, up to rounding
+
+
+def test_resume_without_a_checkpoint_starts_at_step_one(tiny_model, instance_dir, tmp_path):
+    paths = train(make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=2, resume=True))
+    assert [json.loads(line)["step"] for line in paths.metrics.read_text().splitlines()] == [1, 2]

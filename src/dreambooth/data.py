@@ -64,12 +64,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB: 16-bit rescaled (not clipped), transparency composited over white."""
     if image.mode.startswith("I;16") or image.mode == "I":
         # PIL's own convert("L") clips 16-bit values at 255, turning nearly every pixel white; scale instead.
-        # "I" is how PIL has opened 16-bit PNG/TIFF, so it is read with the same 0..65535 range.
+        # "I" is how PIL has opened 16-bit PNG, so it is read with the same 0..65535 range. (Floating-point
+        # modes come only from TIFF, which IMAGE_SUFFIXES does not accept.)
         values = np.asarray(image).astype(np.float64)
         grey = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
-    if image.mode == "F":
-        grey = np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8)
         return Image.fromarray(grey, mode="L").convert("RGB")
     if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
         # Transparent pixels hold arbitrary colour (often black); white is what a viewer shows and a
