@@ -63,7 +63,7 @@ def hand_batch(config: TrainConfig, sample_ids: list[int]) -> tuple[torch.Tensor
         if config.instance_mask_dir:
             masks.append(hand_pixels(Path(config.instance_mask_dir) / photo.name, k, 1, config, grey=True) / 255)
     if config.class_prompt:
-        cats = sorted(Path(config.class_dir).glob("*.png"))
+        cats = sorted(Path(config.class_dir).glob("*.png"))[: config.num_class_images]
         for k in sample_ids:
             pixels.append(hand_pixels(cats[hand_pick(k, len(cats), 2, config.seed)], k, 3, config) / 127.5 - 1)
             prompts.append(config.class_prompt)

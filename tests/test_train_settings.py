@@ -59,8 +59,8 @@ def settings(model: Path, data: dict, output: Path, **overrides) -> TrainConfig:
                   output=str(output), resolution=R, max_train_steps=1, learning_rate=1e-3, seed=3,
                   adam_weight_decay=0.0)
     values.update(overrides)
-    if values.get("class_prompt"):
-        values.update(class_dir=str(data / "classes"), num_class_images=3)  # no class image is generated
+    if values.get("class_prompt"):  # the folder holds 3: none is generated
+        values.update(class_dir=str(data / "classes"), num_class_images=values.get("num_class_images", 3))
     if values.pop("masked", False):
         values["instance_mask_dir"] = str(data / "masks")
     return TrainConfig(**values)
@@ -231,6 +231,8 @@ ROWS = {  # row -> (model fixture, settings, check)
     "center_crop": ("tiny_model", {"center_crop": True, "train_batch_size": 3}, check_pixels),
     "random_flip": ("tiny_model", {"random_flip": True, "train_batch_size": 3}, check_pixels),
     "prior_loss_weight": ("tiny_model", {"class_prompt": CLASS_PROMPT, "prior_loss_weight": 0.4}, check_first_step),
+    "num_class_images": ("tiny_model", {"class_prompt": CLASS_PROMPT, "num_class_images": 2, "train_batch_size": 3},
+                         check_first_step),
     "instance_mask_dir": ("tiny_model", {"masked": True, "train_batch_size": 2}, check_first_step),
     "mask_background_weight": ("tiny_model", {"masked": True, "mask_background_weight": 0.0,
                                               "class_prompt": CLASS_PROMPT}, check_first_step),
@@ -271,7 +273,7 @@ def test_every_training_setting_has_a_row():
     covered = {name.strip() for row in ROWS for name in row.split(",")} | {"class_prompt", "class_dir"}
     covered |= {"v_prediction target", "max_grad_norm off", "mixed_precision bf16", "snr_gamma", "defaults"}
     not_numeric = {  # where they are tested instead
-        "model", "instance_dir", "instance_prompt", "output", "num_class_images", "class_image_steps",
+        "model", "instance_dir", "instance_prompt", "output", "class_image_steps",
         "class_image_guidance", "class_image_batch_size", "class_image_scheduler",  # test_class_images.py
         "resolution",  # every row: the hand pixels are cut at the resolution
         "max_train_steps",  # the schedule rows count the optimizer steps

@@ -89,8 +89,8 @@ class TrainConfig:
     class_dir: str | None = option(
         None, "Folder of class images for prior preservation (topped up with the base model).")
     class_prompt: str | None = option(None, 'Class prompt, e.g. "a photo of a cat"; turns on prior preservation.')
-    num_class_images: int = option(200, "Class images to have before training; missing ones are generated.",
-                                   positive=True)
+    num_class_images: int = option(200, "Class images to train with (the first N by name; missing ones are "
+                                        "generated first).", positive=True)
     prior_loss_weight: float = option(1.0, "Weight of the class (prior-preservation) loss.", non_negative=True)
     class_image_steps: int = option(25, "Sampling steps when generating class images.", positive=True)
     class_image_guidance: float = option(7.5, "Guidance scale when generating class images.", non_negative=True)
