@@ -217,6 +217,10 @@ def test_load_examples_limit_takes_first_by_name(tmp_path):
     write_images(tmp_path / "class", 5)
     loaded = load_examples(tmp_path / "class", "a photo of a cat", "--class-dir", limit=2)
     assert [e.path.name for e in loaded] == ["img00.png", "img01.png"]
+    assert [e.path.name for e in load_examples(tmp_path / "class", "p", "--class-dir", limit=1)] == ["img00.png"]
+    assert len(load_examples(tmp_path / "class", "p", "--class-dir", limit=9)) == 5
+    with pytest.raises(ValueError, match="limit"):
+        load_examples(tmp_path / "class", "p", "--class-dir", limit=0)
 
 
 # --- transforms -----------------------------------------------------------------------------------
