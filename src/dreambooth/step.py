@@ -17,8 +17,8 @@ import torch
 
 from dreambooth.config import TrainConfig
 from dreambooth.encoding import encode_images, encode_prompts
-from dreambooth.losses import LossParts, dreambooth_loss, mask_pixel_weights, min_snr_weights, prediction_target
-from dreambooth.losses import training_noise
+from dreambooth.losses import (LossParts, dreambooth_loss, mask_pixel_weights, min_snr_weights, prediction_target,
+                               training_noise)
 
 
 class StepModels(Protocol):
@@ -68,8 +68,7 @@ def micro_batch_loss(batch: dict[str, Any], generator: torch.Generator, models: 
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     latents, noise, timesteps = (tensor.to(device) for tensor in (latents, noise, timesteps))
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-    # 3. Predict, conditioned on the prompts.
-    # A frozen text encoder (requires_grad off) records no graph; a trained one is backpropagated into.
+    # 3. Predict, conditioned on the prompts (a frozen text encoder records no graph; a trained one learns).
     hidden_states = encode_prompts(models.text_encoder, models.tokenizer, batch["prompts"], device)
     with autocast():
         prediction = models.unet(noisy_latents, timesteps, hidden_states).sample
