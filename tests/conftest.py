@@ -114,6 +114,63 @@ def build_tiny_pipeline(folder: Path, prediction_type: str = "epsilon") -> Path:
     return out
 
 
+def build_tiny_sdxl_pipeline(folder: Path) -> Path:
+    """Build and save a tiny SDXL pipeline: two text encoders (the second with a projection, giving the pooled
+    embedding), a UNet with SDXL's "text_time" added conditioning, and SDXL's block layout in miniature."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=TINY_RESOLUTION // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six size numbers + the pooled text embedding
+        cross_attention_dim=64,  # both encoders' hidden states side by side
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[16, 32],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=TINY_RESOLUTION,
+        scaling_factor=0.13025,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    tokenizer_dir = folder / "_tokenizer_src"
+    write_tiny_tokenizer(tokenizer_dir)
+    tokenizer = CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"), model_max_length=77)
+    text_config = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, hidden_size=32, intermediate_size=37,
+                       num_attention_heads=4, num_hidden_layers=3, layer_norm_eps=1e-5, vocab_size=len(tokenizer),
+                       max_position_embeddings=77, projection_dim=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    # SDXL's second encoder is OpenCLIP bigG: GELU, and a projection that gives the pooled embedding.
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config, hidden_act="gelu"))
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+    )
+    out = folder / "pipeline"
+    pipeline.save_pretrained(out, safe_serialization=True)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny epsilon-prediction SD pipeline folder (like SD 1.x)."""
@@ -124,6 +181,12 @@ def tiny_model(tmp_path_factory) -> Path:
 def tiny_vpred_model(tmp_path_factory) -> Path:
     """A tiny v-prediction SD pipeline folder (like SD 2.x at 768 px)."""
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd-v"), "v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory) -> Path:
+    """A tiny SDXL pipeline folder."""
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl"))
 
 
 def write_images(folder: Path, count: int, size: int = 40, seed: int = 0, prefix: str = "img") -> list[Path]:

@@ -27,6 +27,8 @@ else:  # pragma: no cover - Python 3.10
 SCHEDULER_NAMES = ("ddim", "ddpm", "pndm", "euler", "euler-a", "dpm++", "unipc")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+EXPORT_FORMATS = ("single-file", "kohya", "diffusers")
+EXPORT_DTYPES = ("fp16", "bf16", "fp32")
 
 
 # Settings that were renamed: old name -> (new name, the one line that using the old name, as a flag or a
@@ -244,6 +246,25 @@ class ReportConfig:
 
     directory: str = option(help="A sweep output folder.", positional=True)
     prompt: str | None = option(None, "Prompt shown in the trials x settings table (default: the first).")
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+@dataclass
+class ExportConfig:
+    """Write a run's model as the file another tool loads: one .safetensors for AUTOMATIC1111 / ComfyUI
+    (single-file), a kohya-layout LoRA, or a diffusers folder."""
+
+    run: str = option(help="A finished RUN folder (full fine-tune or LoRA).", positional=True)
+    format: str = option(help="single-file: original Stable Diffusion layout (A1111, ComfyUI); kohya: a LoRA in "
+                              "the kohya / A1111 layout; diffusers: a pipeline folder.", choices=EXPORT_FORMATS)
+    output: str = option(help="The .safetensors file (single-file, kohya) or the folder (diffusers) to write.")
+    dtype: str = option("fp16", "Precision of the written weights.", choices=EXPORT_DTYPES)
+    merge_lora: bool = option(False, "Merge a LoRA run into its base model (for single-file or diffusers).")
+    lora_scale: float = option(1.0, "Strength of the LoRA when merging it.", non_negative=True)
+    overwrite: bool = option(False, "Replace an existing --output (the old one is moved aside, not deleted).")
+    allow_pickle: bool = option(False, "Allow loading a pickled .ckpt base model (runs code from the file).")
 
     def __post_init__(self) -> None:
         validate_fields(self)
