@@ -206,6 +206,41 @@ def check_groups(run, hand, config, seen) -> None:
         assert moved.nonzero().flatten().tolist() == hand.identifier_rows
 
 
+LORA_LAYER = {"unet": ".lora.", "text_encoder": ".lora_linear_layer."}  # diffusers' key layout per part
+ATTENTION = {"unet": ("to_q", "to_k", "to_v", "to_out.0"), "text_encoder": ("q_proj", "k_proj", "v_proj", "out_proj")}
+
+
+def check_lora(run, hand, config, seen) -> None:
+    """LoRA's first step by hand: B starts at zero, so the loss is the base model's and dL/dA = 0, while
+    dL/dB = (alpha / rank) * dL/dW @ A^T for each adapted layer W. AdamW then moves B by lr * g / (|g| + eps)
+    and leaves A alone. The gradient norm (over B's gradients) carries alpha / rank."""
+    from dreambooth.lora import LORA_WEIGHTS
+
+    assert recorded(run)[0]["loss"] == pytest.approx(hand.loss, rel=1e-5)
+    adapters = load_file(run / "lora" / LORA_WEIGHTS)
+    scale = config.lora_alpha / config.lora_rank
+    expected_b, gradients = {}, []
+    for key, down in adapters.items():
+        if not key.endswith(".down.weight"):
+            continue
+        part, rest = key.split(".", 1)
+        layer = rest.replace(LORA_LAYER[part] + "down.weight", "")
+        assert layer.endswith(ATTENTION[part]) and down.shape[0] == config.lora_rank  # attention layers, rank R
+        gradient = scale * hand.grads[part][layer + ".weight"] @ down.T
+        gradients.append(gradient)
+        expected_b[key.replace(".down.", ".up.")] = gradient
+    adapted = {(part, name) for part, names in hand.grads.items() for name in names
+               if name.removesuffix(".weight").endswith(ATTENTION[part])}
+    assert len(expected_b) == len(adapted)  # every attention layer of the UNet and text encoder, nothing else
+    norm = math.sqrt(sum(float(g.pow(2).sum()) for g in gradients))
+    assert recorded(run)[0]["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    clip = min(1.0, config.max_grad_norm / (norm + 1e-6))
+    for key, gradient in expected_b.items():
+        step = -config.learning_rate * clip * gradient / (clip * gradient.abs() + 1e-8)
+        clear = gradient.abs() > 1e-6
+        assert float(torch.where(clear, (adapters[key] - step).abs(), 0).max()) < 1e-3 * config.learning_rate, key
+
+
 def check_bf16(run, hand, config, seen) -> None:
     """bf16 autocast: the UNet's layers compute in bfloat16, and the loss is the fp32 loss to bf16 precision."""
     assert torch.bfloat16 in seen.unet_layer_dtypes
@@ -251,6 +286,8 @@ ROWS = {  # row -> (model fixture, settings, check)
     "token_embedding_learning_rate, identifier": (
         "tiny_model", {"train_text_encoder": True, "text_encoder_learning_rate": 2e-4,
                        "token_embedding_learning_rate": 5e-2, "identifier": "miru"}, check_groups),
+    "lora_rank, lora_alpha": ("tiny_model", {"lora_rank": 3, "lora_alpha": 6.0, "learning_rate": 1e-3,
+                                             "train_text_encoder": True, "train_batch_size": 2}, check_lora),
     "mixed_precision bf16": ("tiny_model", {"mixed_precision": "bf16"}, check_bf16),
     "gradient_checkpointing": ("tiny_model", {"gradient_checkpointing": True}, check_gradient_checkpointing),
 }
@@ -279,7 +316,8 @@ def test_every_training_setting_has_a_row():
         "max_train_steps",  # the schedule rows count the optimizer steps
         "save_pipeline_at", "checkpoint_every", "keep_checkpoints", "resume", "overwrite",  # test_train.py
         "validation_prompt", "validation_every", "validation_seeds", "validation_sampling_steps",  # test_train.py
-        "allow_pickle",  # test_models.py
+        "allow_pickle", "model_config", "vae",  # test_models.py
+        "lora_dropout", "lora_targets",  # test_lora.py (which layers; dropout changes what is learnt)
     }
     fields = {spec.name for spec in dataclasses.fields(TrainConfig)}
     assert fields - not_numeric <= {name.split(" ")[0] for name in covered}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dreambooth import lora
 from dreambooth.errors import UserError
 from dreambooth.files import atomic_write_text, move_aside, read_jsonl, replace_dir, write_jsonl
 
@@ -49,6 +50,15 @@ class RunPaths:
         return self.root / "lora"
 
     @property
+    def final_model(self) -> Path:
+        """The trained weights at the end of the run: the LoRA folder of a LoRA run, else the pipeline."""
+        return self.lora if lora.is_lora_folder(self.lora) else self.pipeline
+
+    def model_at(self, step: int) -> Path:
+        """The trained weights saved at `step` (`save_pipeline_at`): a pipeline, or a LoRA folder."""
+        return self.pipeline_at(step)
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
 
@@ -78,6 +88,11 @@ class RunPaths:
         """Top-level entries a run writes: what --overwrite moves aside."""
         return [p.name for p in (self.config, self.pipeline, self.pipeline_at(0).parent, self.lora, self.metrics,
                                  self.loss_plot, self.model_card, self.checkpoints, self.validation)]
+
+
+def is_trained_model(folder: Path) -> bool:
+    """A complete pipeline or LoRA folder (both are written atomically, so a present one is whole)."""
+    return (folder / "model_index.json").is_file() or lora.is_lora_folder(folder)
 
 
 def claim_run_folder(paths: RunPaths, settings: dict[str, Any], resume: bool, overwrite: bool) -> None:

@@ -50,9 +50,10 @@ def top_up_class_images(config: ClassImagesConfig) -> list[Path]:
         return have
     print(f"class images: {folder} holds {len(have)}; generating {missing} with '{config.prompt}'")
     folder.mkdir(parents=True, exist_ok=True)
-    source = resolve_model(config.model, config.allow_pickle)
+    source = resolve_model(config.model, config.allow_pickle, config.model_config)
     device = default_device()
-    pipeline = load_pipeline(source, torch_dtype=inference_dtype(device), **without_safety_checker(source)).to(device)
+    pipeline = load_pipeline(source, torch_dtype=inference_dtype(device), vae=config.vae,
+                             **without_safety_checker(source)).to(device)
     setting = SamplingSetting(steps=config.steps, guidance=config.guidance, scheduler=config.scheduler)
     indices = free_indices(folder, missing)
     with tqdm(total=missing, desc="class images", unit="img") as progress:

@@ -42,7 +42,7 @@ def run_train(config: TrainConfig) -> None:
     from dreambooth.train import train
 
     paths = train(config)
-    print(f"done: {paths.pipeline} (model card: {paths.model_card})")
+    print(f"done: {paths.final_model} (model card: {paths.model_card})")
 
 
 def run_generate(config: GenerateConfig) -> None:

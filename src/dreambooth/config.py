@@ -27,6 +27,9 @@ else:  # pragma: no cover - Python 3.10
 SCHEDULER_NAMES = ("ddim", "ddpm", "pndm", "euler", "euler-a", "dpm++", "unipc")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+LORA_TARGETS = ("attention", "attention+ff", "all-linear")
+DEFAULT_LEARNING_RATE = 5e-6  # full fine-tune (the DreamBooth paper's rate for SD)
+DEFAULT_LORA_LEARNING_RATE = 1e-4  # LoRA adapters learn from zero and need a far larger step
 EXPORT_FORMATS = ("single-file", "kohya", "diffusers")
 EXPORT_DTYPES = ("fp16", "bf16", "fp32")
 
@@ -54,6 +57,11 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+MODEL_CONFIG_HELP = ("For a single-file --model: the diffusers folder or hub id whose configs describe it (needed "
+                     "offline; online diffusers finds one itself).")
+VAE_HELP = "Use this VAE instead of the model's own (a diffusers folder or hub id), e.g. an fp16-safe SDXL VAE."
+
+
 @dataclass
 class ClassImagesConfig:
     """Generate class images with the base model, topping a folder up to N images."""
@@ -68,6 +76,8 @@ class ClassImagesConfig:
     seed: int = option(0, "Image i uses seed + i, so a top-up never repeats an existing image.")
     negative_prompt: str = option("", "What the class images should not show.")
     scheduler: str = option("dpm++", "Sampler for the class images.", choices=SCHEDULER_NAMES)
+    model_config: str | None = option(None, MODEL_CONFIG_HELP)
+    vae: str | None = option(None, VAE_HELP)
     allow_pickle: bool = option(False, "Allow loading a pickled .ckpt model (runs code from the file).")
 
     def __post_init__(self) -> None:
@@ -98,8 +108,22 @@ class TrainConfig:
     class_image_guidance: float = option(7.5, "Guidance scale when generating class images.", non_negative=True)
     class_image_batch_size: int = option(4, "Class images generated at once.", positive=True)
     class_image_scheduler: str = option("dpm++", "Sampler for generating class images.", choices=SCHEDULER_NAMES)
-    resolution: int = option(512, "Training resolution in pixels (a multiple of 8).", positive=True)
-    learning_rate: float = option(5e-6, "UNet learning rate.", positive=True)
+    model_config: str | None = option(None, MODEL_CONFIG_HELP)
+    vae: str | None = option(None, VAE_HELP)
+    resolution: int | None = option(
+        None, "Training resolution in pixels, a multiple of 8 (default: the model's native size, e.g. 512 for "
+              "SD 1.5, 1024 for SDXL).", positive=True)
+    learning_rate: float | None = option(
+        None, f"UNet learning rate (default: {DEFAULT_LEARNING_RATE:g}; {DEFAULT_LORA_LEARNING_RATE:g} "
+              "with --lora-rank).", positive=True)
+    lora_rank: int | None = option(
+        None, "Train LoRA adapters of this rank instead of the whole model (a few MB; RUN/lora/).", positive=True)
+    lora_alpha: float | None = option(None, "LoRA alpha: the adapters act at alpha / rank (default: the rank).",
+                                      positive=True)
+    lora_dropout: float | None = option(None, "Dropout inside the LoRA adapters (default: 0).", non_negative=True)
+    lora_targets: str | None = option(
+        None, "Layers that get adapters: attention (default), attention+ff (also the feed-forward layers), or "
+              "all-linear.", choices=LORA_TARGETS)
     max_train_steps: int = option(400, "Optimizer steps to train.", positive=True)
     train_batch_size: int = option(1, "Instance images per step (as many class images are added).", positive=True)
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.", positive=True)
@@ -142,7 +166,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self)
-        if self.resolution % 8:
+        self._resolve_lora()
+        if self.resolution is not None and self.resolution % 8:
             raise UserError(f"--resolution {self.resolution}: must be a multiple of 8 "
                             f"(e.g. {self.resolution // 8 * 8 or 8})")
         if self.token_embedding_learning_rate and not self.train_text_encoder:
@@ -160,9 +185,33 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
 
+    def _resolve_lora(self) -> None:
+        """Fill in the defaults that depend on --lora-rank, and refuse LoRA options without it."""
+        if self.lora_rank is None:
+            given = [name for name in ("lora_alpha", "lora_dropout", "lora_targets") if getattr(self, name) is not None]
+            if given:
+                raise UserError(f"{flag_name(given[0])} needs --lora-rank R (LoRA options apply to LoRA runs only)")
+            if self.learning_rate is None:
+                self.learning_rate = DEFAULT_LEARNING_RATE
+            return
+        if self.lora_dropout is not None and self.lora_dropout >= 1:
+            raise UserError(f"--lora-dropout {self.lora_dropout}: must be below 1")
+        if self.learning_rate is None:
+            self.learning_rate = DEFAULT_LORA_LEARNING_RATE
+        if self.lora_alpha is None:
+            self.lora_alpha = float(self.lora_rank)
+        if self.lora_dropout is None:
+            self.lora_dropout = 0.0
+        if self.lora_targets is None:
+            self.lora_targets = "attention"
+
     @property
     def with_prior_preservation(self) -> bool:
         return bool(self.class_prompt)
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora_rank is not None
 
 
 def class_images_config(config: TrainConfig) -> ClassImagesConfig:
@@ -171,7 +220,7 @@ def class_images_config(config: TrainConfig) -> ClassImagesConfig:
         model=config.model, prompt=config.class_prompt, output=config.class_dir,
         num_images=config.num_class_images, steps=config.class_image_steps, guidance=config.class_image_guidance,
         batch_size=config.class_image_batch_size, seed=config.seed, scheduler=config.class_image_scheduler,
-        allow_pickle=config.allow_pickle,
+        model_config=config.model_config, vae=config.vae, allow_pickle=config.allow_pickle,
     )
 
 
@@ -190,6 +239,9 @@ class GenerateConfig:
     height: int | None = option(None, "Image height (default: the model's native size).", positive=True)
     width: int | None = option(None, "Image width (default: the model's native size).", positive=True)
     batch_size: int = option(1, "Images rendered at once.", positive=True)
+    lora_scale: float = option(1.0, "Strength of a LoRA run's adapters (0 renders the base model).", non_negative=True)
+    model_config: str | None = option(None, MODEL_CONFIG_HELP)
+    vae: str | None = option(None, VAE_HELP)
     overwrite: bool = option(
         False, "Write into an --output that already holds a generation (old files are moved aside).")
     allow_pickle: bool = option(False, "Allow loading a pickled .ckpt model (runs code from the file).")

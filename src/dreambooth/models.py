@@ -7,6 +7,7 @@ apart here and nowhere else, so training and sampling only ask `components.famil
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any, Literal
 
 import torch
 
+from dreambooth import lora
 from dreambooth.aliases import model_alias_folder
 from dreambooth.errors import UserError
 
@@ -33,6 +35,15 @@ class ModelSource:
     location: str
     family: Family
     requested: str  # what the user typed, for messages and records
+    model_config: str | None = None  # for a single file: the diffusers folder or hub id describing it
+    lora: str | None = None  # a LoRA folder applied over the model at `location`
+
+    def base_record(self) -> dict[str, Any]:
+        """How to find this model again from another folder or process (a LoRA folder's base_model.json)."""
+        location = self.requested
+        if model_alias_folder(self.requested) is None and self.kind != "hub":
+            location = str(Path(self.location).resolve())
+        return {"model": location, "model_config": self.model_config, "family": self.family}
 
 
 @dataclass
@@ -58,15 +69,19 @@ class Components:
         return self.noise_scheduler.config.prediction_type
 
 
-def resolve_model(model: str, allow_pickle: bool = False) -> ModelSource:
+def resolve_model(model: str, allow_pickle: bool = False, model_config: str | None = None) -> ModelSource:
     """Decide what kind of MODEL the user named, or explain in one line why it is not one.
 
-    A registered alias (`dreambooth.aliases`, e.g. `miniworld`) names a pipeline folder and comes first.
+    A registered alias (`dreambooth.aliases`, e.g. `miniworld`) names a pipeline folder and comes first. A LoRA
+    run (or LoRA folder) resolves to its base model with `lora` set.
     """
     alias_folder = model_alias_folder(model)
     if alias_folder is not None:
         return ModelSource("folder", str(alias_folder), _folder_family(alias_folder), model)
     path = Path(model).expanduser()
+    for folder in (path, path / "lora"):
+        if folder.is_dir() and lora.is_lora_folder(folder):
+            return _lora_source(model, folder, allow_pickle)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in PICKLE_SUFFIXES and not allow_pickle:
@@ -76,7 +91,10 @@ def resolve_model(model: str, allow_pickle: bool = False) -> ModelSource:
             )
         if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
             raise UserError(f"--model {model}: a single-file model must be .safetensors (or .ckpt with --allow-pickle)")
-        return ModelSource("single_file", str(path), _single_file_family(path), model)
+        family = _single_file_family(path)
+        if model_config:
+            _check_config_family(model_config, family, model)
+        return ModelSource("single_file", str(path), family, model, model_config=model_config)
     if path.is_dir():
         if (path / "model_index.json").is_file():
             return ModelSource("folder", str(path), _folder_family(path), model)
@@ -91,35 +109,105 @@ def resolve_model(model: str, allow_pickle: bool = False) -> ModelSource:
     raise UserError(f"--model {model}: no such file or folder, and not a hub id of the form owner/name")
 
 
+def _lora_source(model: str, folder: Path, allow_pickle: bool) -> ModelSource:
+    """A LoRA folder's base model, with the folder to apply over it."""
+    try:
+        base = lora.read_base_model(folder)
+        source = resolve_model(base["model"], allow_pickle, base.get("model_config"))
+    except UserError as error:
+        raise UserError(f"--model {model}: its base model cannot be loaded ({error})") from error
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"--model {model}: {folder / lora.BASE_MODEL} is unreadable ({error})") from error
+    return dataclasses.replace(source, requested=model, lora=str(folder))
+
+
 def load_pipeline(
     model: str | ModelSource,
     *,
     allow_pickle: bool = False,
     torch_dtype: torch.dtype | None = None,
+    lora_scale: float = 1.0,
+    vae: str | None = None,
     **component_overrides: Any,
 ):
-    """Load a whole pipeline (for sampling or saving), optionally with some components replaced."""
+    """Load a whole pipeline (for sampling or saving), optionally with some components replaced; a LoRA
+    source comes with its adapters loaded (unfused) at `lora_scale`."""
     source = model if isinstance(model, ModelSource) else resolve_model(model, allow_pickle)
+    if lora_scale != 1.0 and not source.lora:
+        raise UserError(f"--lora-scale {lora_scale}: {source.requested} is not a LoRA run")
     pipeline_class = _pipeline_class(source.family)
     kwargs: dict[str, Any] = dict(component_overrides)
+    if vae:
+        kwargs["vae"] = load_vae(vae, source)
     if torch_dtype is not None:
         kwargs[_dtype_keyword()] = torch_dtype
     try:
         if source.kind == "single_file":
-            return pipeline_class.from_single_file(source.location, **kwargs)
-        return pipeline_class.from_pretrained(source.location, use_safetensors=_has_safetensors(source), **kwargs)
+            if source.model_config:
+                kwargs.update(config=source.model_config)
+            pipeline = pipeline_class.from_single_file(source.location, **kwargs)
+        else:
+            pipeline = pipeline_class.from_pretrained(source.location, use_safetensors=_has_safetensors(source),
+                                                      **kwargs)
+        if source.lora:
+            lora.apply_lora(pipeline, Path(source.lora), lora_scale)
+        return pipeline
     except UserError:
         raise
     except (OSError, ValueError, EnvironmentError) as error:
         raise UserError(_load_failure(source, error)) from error
 
 
-def load_components(model: str, *, allow_pickle: bool = False) -> Components:
+def load_vae(vae: str, source: ModelSource):
+    """A replacement VAE: a folder or hub id holding an AutoencoderKL, or a pipeline with a `vae/` subfolder."""
+    from diffusers import AutoencoderKL
+
+    path = Path(vae).expanduser()
+    subfolder = "vae" if (path / "vae" / "config.json").is_file() or (path / "model_index.json").is_file() else None
+    try:
+        model = AutoencoderKL.from_pretrained(vae, subfolder=subfolder)
+    except (OSError, ValueError, EnvironmentError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"--vae {vae}: not a VAE this model can use ({first_line})") from error
+    native = _native_vae_scaling(source)
+    if model.config.scaling_factor != native:
+        raise UserError(f"--vae {vae}: made for another model family (its latents are scaled by "
+                        f"{model.config.scaling_factor}, this model's by {native})")
+    return model
+
+
+def _native_vae_scaling(source: ModelSource) -> float:
+    """The latent scaling of the model's own VAE (read from its config, without loading weights)."""
+    from diffusers import AutoencoderKL
+
+    where = source.model_config if source.kind == "single_file" else source.location
+    if where is None:  # a single file without a config: the family's standard VAE
+        return 0.13025 if source.family == "sdxl" else 0.18215
+    return AutoencoderKL.load_config(where, subfolder="vae")["scaling_factor"]
+
+
+def native_resolution(source: ModelSource) -> int:
+    """The image size the model was trained at: the UNet's latent size times the VAE's downsampling."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    where = source.model_config if source.kind == "single_file" else source.location
+    if where is None:
+        return 1024 if source.family == "sdxl" else 512
+    try:
+        unet = UNet2DConditionModel.load_config(where, subfolder="unet")
+        vae = AutoencoderKL.load_config(where, subfolder="vae")
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise UserError(_load_failure(source, error)) from error
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def load_components(model: str | ModelSource, *, allow_pickle: bool = False, vae: str | None = None) -> Components:
     """Load the trainable and frozen parts for training, in fp32, without the safety checker."""
     from diffusers import DDPMScheduler
 
-    source = resolve_model(model, allow_pickle)
-    pipeline = load_pipeline(source, **without_safety_checker(source))
+    source = model if isinstance(model, ModelSource) else resolve_model(model, allow_pickle)
+    check_trainable(source)
+    pipeline = load_pipeline(source, vae=vae, **without_safety_checker(source))
     return Components(
         source=source,
         tokenizer=pipeline.tokenizer,
@@ -132,6 +220,13 @@ def load_components(model: str, *, allow_pickle: bool = False) -> Components:
         tokenizer_2=getattr(pipeline, "tokenizer_2", None),
         text_encoder_2=getattr(pipeline, "text_encoder_2", None),
     )
+
+
+def check_trainable(source: ModelSource) -> None:
+    """A LoRA run is adapters over a base model, not a model to fine-tune further."""
+    if source.lora:
+        raise UserError(f"--model {source.requested}: is a LoRA run; train on its base model "
+                        f"({lora.read_base_model(Path(source.lora))['model']}) or export it merged first")
 
 
 def without_safety_checker(source: ModelSource) -> dict[str, Any]:
@@ -192,12 +287,35 @@ def _folder_family(folder: Path) -> Family:
     return _family_from_class_name(class_name, str(folder))
 
 
+# Pipelines whose UNet, VAE and text encoders this trainer knows (the img2img classes share the text-to-image
+# parts). SD 3, Flux and the inpainting UNets (9 input channels) are different models.
+TRAINABLE_PIPELINES: dict[str, Family] = {
+    "StableDiffusionPipeline": "sd", "StableDiffusionImg2ImgPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl",
+}
+
+
 def _family_from_class_name(class_name: str, where: str) -> Family:
-    if "XL" in class_name:
-        return "sdxl"
-    if class_name.startswith("StableDiffusion"):
-        return "sd"
-    raise UserError(f"--model {where}: a {class_name or 'unknown'} pipeline is not a Stable Diffusion model")
+    if class_name in TRAINABLE_PIPELINES:
+        return TRAINABLE_PIPELINES[class_name]
+    raise UserError(f"--model {where}: a {class_name or 'unknown'} pipeline is not a model family dreambooth can "
+                    "train; it trains Stable Diffusion 1.x, 2.x and SDXL")
+
+
+def _check_config_family(model_config: str, family: Family, model: str) -> None:
+    """A single file read with the configs of another family loads garbage or fails deep inside diffusers."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        class_name = DiffusionPipeline.load_config(model_config).get("_class_name", "")
+    except Exception as error:  # the hub client raises many types; all mean "could not read it"
+        message = f"--model-config {model_config}: not a diffusers pipeline folder or hub id ({error})"
+        raise UserError(message) from error
+    config_family = _family_from_class_name(class_name, model_config)
+    if config_family != family:
+        names = {"sd": "SD 1.x / 2.x", "sdxl": "SDXL"}
+        raise UserError(f"--model-config {model_config}: describes an {names[config_family]} pipeline but "
+                        f"{model} is an {names[family]} checkpoint; give the matching config")
 
 
 def _single_file_family(path: Path) -> Family:
@@ -247,8 +365,11 @@ def _load_failure(source: ModelSource, error: BaseException) -> str:
             "check the id and your network"
         )
     if source.kind == "single_file":
+        if source.model_config:
+            return (f"--model {source.requested}: could not load it with --model-config {source.model_config} "
+                    f"({first_line})")
         return (
             f"--model {source.requested}: could not load this checkpoint ({first_line}); single-file loading needs "
-            "the base model's config, which diffusers fetches from the hub"
+            "the base model's configs: pass --model-config with a diffusers folder (or hub id) of the same family"
         )
     return f"--model {source.requested}: could not load the pipeline ({first_line})"

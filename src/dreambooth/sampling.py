@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from dreambooth.config import SCHEDULER_NAMES, GenerateConfig
 from dreambooth.errors import UserError
 from dreambooth.files import MANIFEST, append_jsonl, atomic_file, move_aside
-from dreambooth.models import default_device, inference_dtype, load_pipeline
+from dreambooth.models import default_device, inference_dtype, load_pipeline, resolve_model
 
 IMAGES = "images"
 GRID = "grid.png"
@@ -269,7 +269,8 @@ def generate(config: GenerateConfig) -> Path:
     output = Path(config.output)
     prepare_output(output, config.overwrite)
     device = default_device()
-    pipeline = load_pipeline(config.model, allow_pickle=config.allow_pickle, torch_dtype=inference_dtype(device))
+    source = resolve_model(config.model, config.allow_pickle, config.model_config)
+    pipeline = load_pipeline(source, torch_dtype=inference_dtype(device), lora_scale=config.lora_scale, vae=config.vae)
     pipeline = pipeline.to(device)
 
     rows: list[list[Image.Image]] = []

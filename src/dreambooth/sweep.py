@@ -197,7 +197,7 @@ def run_each(sweep: Sweep, runs: dict[str, list[Trial]], directory: Path) -> Non
         clock.done(max(steps), run_paths)
         mark(run_trials, "trained", None, directory)
         for trial in run_trials:
-            pipeline = run_paths.pipeline if trial.step == max(steps) else run_paths.pipeline_at(trial.step)
+            pipeline = run_paths.final_model if trial.step == max(steps) else run_paths.model_at(trial.step)
             print(f"sweep: sampling trial '{trial.name}'")
             sample_trial(sweep, trial, pipeline, directory)
             if sweep.evaluation.get("enabled", True) and not is_evaluated(trial, directory):
@@ -257,13 +257,13 @@ def unique_class_image_configs(sweep: Sweep, trials: list[Trial], directory: Pat
 
 def train_run(sweep: Sweep, trial: Trial, directory: Path, steps: list[int]):
     """Train (or finish training) the run behind `trial`; a finished run is not touched."""
-    from dreambooth.checkpoints import RunPaths
+    from dreambooth.checkpoints import RunPaths, is_trained_model
     from dreambooth.train import train
 
     config = train_config(sweep, trial, directory, steps=steps)
     paths = RunPaths(Path(config.output))
-    wanted = [paths.pipeline] + [paths.pipeline_at(step) for step in config.save_pipeline_at]
-    if paths.config.is_file() and all((p / "model_index.json").is_file() for p in wanted):
+    wanted = [paths.final_model] + [paths.model_at(step) for step in config.save_pipeline_at]
+    if paths.config.is_file() and all(is_trained_model(p) for p in wanted):
         finished = read_jsonl(paths.metrics)
         if finished and finished[-1]["step"] == config.max_train_steps:
             print(f"sweep: run '{trial.run}' already trained")

@@ -6,6 +6,7 @@ by (seed, s), so a run resumed from a checkpoint continues exactly as if it had 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dreambooth import __version__, seeds
+from dreambooth import __version__, lora, seeds
 from dreambooth.artifacts import write_loss_plot, write_model_card
 from dreambooth.checkpoints import (RunPaths, claim_run_folder, load_latest_checkpoint, save_checkpoint,
                                     truncate_metrics)
@@ -24,13 +25,16 @@ from dreambooth.data import DreamBoothData, load_examples, load_masks
 from dreambooth.encoding import identifier_token_ids
 from dreambooth.errors import UserError
 from dreambooth.files import append_jsonl, atomic_dir, atomic_write_text
-from dreambooth.models import Components, assemble_pipeline, default_device, load_components, load_pipeline
+from dreambooth.models import (Components, assemble_pipeline, check_trainable, default_device, load_components,
+                               load_pipeline, native_resolution, resolve_model)
 from dreambooth.sampling import SamplingSetting, render, save_png
 from dreambooth.step import micro_batch_loss, step_settings
 
 VALIDATION_SCHEDULER = "ddim"
 VALIDATION_GUIDANCE = 7.5  # Stable Diffusion's usual guidance scale
 NOISE_STREAM = 4  # seeds.mix stream of the step's latents, noise and timesteps (data.py uses streams 0-3)
+LORA_STREAM = 5  # seeds.mix stream of the LoRA adapters' initial weights
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # SD has the first only
 
 
 @dataclass
@@ -47,6 +51,10 @@ class StepResult:
 def train(config: TrainConfig) -> RunPaths:
     """Fine-tune `config.model` on the instance images and write a RUN folder; return its paths."""
     # 1. Claim the run folder before any slow work, so a mistake there fails at once.
+    source = resolve_model(config.model, config.allow_pickle, config.model_config)
+    check_trainable(source)
+    if config.resolution is None:
+        config = dataclasses.replace(config, resolution=native_resolution(source))
     accelerator = make_accelerator(config)
     paths = RunPaths(Path(config.output))
     settings = to_dict(config)
@@ -67,7 +75,7 @@ def train(config: TrainConfig) -> RunPaths:
     data = DreamBoothData(instance, classes, config.resolution, config.center_crop, config.random_flip, config.seed)
 
     # 3. Models: everything frozen except what this run trains.
-    components = load_components(config.model, allow_pickle=config.allow_pickle)
+    components = load_components(source, vae=config.vae)
     trained = prepare_models(components, config, accelerator)
 
     # 4. Optimizer and learning-rate schedule.
@@ -102,7 +110,7 @@ def train(config: TrainConfig) -> RunPaths:
         progress.update(1)
         progress.set_postfix(loss=f"{result.loss:.4f}")
         if step in config.save_pipeline_at and step < config.max_train_steps and accelerator.is_main_process:
-            save_pipeline(components, trained, accelerator, paths.pipeline_at(step))
+            save_trained(components, trained, accelerator, paths.pipeline_at(step), config)
         if needs_checkpoint(step, config):
             save_checkpoint(accelerator, paths, step, config.keep_checkpoints)
         if needs_validation(step, config):
@@ -112,7 +120,7 @@ def train(config: TrainConfig) -> RunPaths:
     # 7. The fine-tuned pipeline, loss curve and model card.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_pipeline(components, trained, accelerator, paths.pipeline)
+        save_trained(components, trained, accelerator, paths.lora if config.uses_lora else paths.pipeline, config)
         write_loss_plot(paths.metrics, paths.loss_plot)
         write_model_card(paths, settings)
     accelerator.end_training()
@@ -138,12 +146,12 @@ def make_accelerator(config: TrainConfig):
 
 
 def prepare_models(components: Components, config: TrainConfig, accelerator) -> dict[str, torch.nn.Module]:
-    """Freeze the VAE (and text encoder unless trained), cast frozen parts to the compute dtype; return trained ones."""
+    """Freeze the VAE (and text encoders unless trained), cast frozen weights to the compute dtype; with LoRA,
+    freeze the trained models too and give them adapters. Return the trained models by name."""
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    trained: dict[str, torch.nn.Module] = {"unet": components.unet}
-    if config.train_text_encoder:
-        trained["text_encoder"] = components.text_encoder
-    frozen = [components.vae] + ([] if config.train_text_encoder else [components.text_encoder])
+    encoders = [name for name in TEXT_ENCODERS if getattr(components, name) is not None]
+    trained = {name: getattr(components, name) for name in ["unet"] + (encoders if config.train_text_encoder else [])}
+    frozen = [components.vae] + [getattr(components, name) for name in encoders if name not in trained]
     for module in frozen:
         module.requires_grad_(False)
         module.eval()
@@ -151,12 +159,32 @@ def prepare_models(components: Components, config: TrainConfig, accelerator) -> 
         if weight_dtype != torch.float32:
             # Trained weights stay fp32 (autocast computes in half); frozen ones are simply stored in half.
             module.to(dtype=weight_dtype)
-    for module in trained.values():
-        module.requires_grad_(True)
+    for index, (name, module) in enumerate(trained.items()):
+        if config.uses_lora:
+            add_lora(module, name, config, seeds.mix(config.seed, LORA_STREAM, index), weight_dtype)
+        else:
+            module.requires_grad_(True)
         module.train()
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(module)
     return trained
+
+
+def add_lora(module: torch.nn.Module, name: str, config: TrainConfig, seed: int, weight_dtype: torch.dtype) -> None:
+    """Freeze `module` (stored in the compute dtype) and add fp32 adapters; with
+    --token-embedding-learning-rate the token-embedding table learns as well (only the identifier's rows)."""
+    if weight_dtype != torch.float32:
+        module.to(dtype=weight_dtype)
+    part = "unet" if name == "unet" else "text_encoder"
+    lora.add_adapters(module, part, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets,
+                      seed)
+    for parameter in module.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()  # adapters learn in fp32 under mixed precision
+    if part == "text_encoder" and config.token_embedding_learning_rate:
+        table = module.get_input_embeddings().weight
+        table.data = table.data.float()
+        table.requires_grad_(True)
 
 
 def enable_gradient_checkpointing(module: torch.nn.Module) -> None:
@@ -168,28 +196,40 @@ def enable_gradient_checkpointing(module: torch.nn.Module) -> None:
         module.gradient_checkpointing_enable()
 
 
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [parameter for parameter in module.parameters() if parameter.requires_grad]
+
+
 def parameter_groups(components: Components, config: TrainConfig) -> list[dict[str, Any]]:
     """One AdamW group per trained model, each with its own learning rate; with
-    --token-embedding-learning-rate, the identifier's token embeddings get a group of their own."""
-    groups = [{"params": list(components.unet.parameters()), "lr": config.learning_rate}]
+    --token-embedding-learning-rate, each text encoder's identifier embeddings get a group of their own."""
+    groups = [{"params": trainable(components.unet), "lr": config.learning_rate}]
     if not config.train_text_encoder:
         return groups
     text_encoder_rate = config.text_encoder_learning_rate or config.learning_rate
-    embeddings = components.text_encoder.get_input_embeddings().weight
-    if config.token_embedding_learning_rate is None:
-        groups.append({"params": list(components.text_encoder.parameters()), "lr": text_encoder_rate})
-        return groups
-    rest = [p for p in components.text_encoder.parameters() if p is not embeddings]
-    groups.append({"params": rest, "lr": text_encoder_rate})
-    # Only the identifier's rows learn (textual inversion's idea): moving "a", "photo" or "cat" at this
-    # rate would move every prompt that uses them. No weight decay, so the other rows stay exactly as
-    # they are: their gradient is zeroed, and AdamW with a zero gradient and no decay does not move a row.
-    rows = identifier_token_ids(components.tokenizer, config.instance_prompt, config.class_prompt, config.identifier)
-    learns = torch.zeros(embeddings.shape[0], 1, dtype=embeddings.dtype, device=embeddings.device)
-    learns[rows] = 1.0
-    embeddings.register_hook(lambda grad: grad * learns)
-    groups.append({"params": [embeddings], "lr": config.token_embedding_learning_rate, "weight_decay": 0.0})
+    for name in TEXT_ENCODERS:
+        encoder = getattr(components, name)
+        if encoder is None:
+            continue
+        if config.token_embedding_learning_rate is None:
+            groups.append({"params": trainable(encoder), "lr": text_encoder_rate})
+            continue
+        embeddings = encoder.get_input_embeddings().weight
+        groups.append({"params": [p for p in trainable(encoder) if p is not embeddings], "lr": text_encoder_rate})
+        # Only the identifier's rows learn (textual inversion's idea): moving "a", "photo" or "cat" at this
+        # rate would move every prompt that uses them. No weight decay, so the other rows stay exactly as
+        # they are: their gradient is zeroed, and AdamW with a zero gradient and no decay does not move a row.
+        learns = torch.zeros(embeddings.shape[0], 1, dtype=embeddings.dtype, device=embeddings.device)
+        learns[identifier_rows(components, name, config)] = 1.0
+        embeddings.register_hook(lambda grad, learns=learns: grad * learns)
+        groups.append({"params": [embeddings], "lr": config.token_embedding_learning_rate, "weight_decay": 0.0})
     return groups
+
+
+def identifier_rows(components: Components, encoder_name: str, config: TrainConfig) -> list[int]:
+    """The embedding rows of the word that names the subject, in the tokenizer of `encoder_name`."""
+    tokenizer = components.tokenizer_2 if encoder_name == "text_encoder_2" else components.tokenizer
+    return identifier_token_ids(tokenizer, config.instance_prompt, config.class_prompt, config.identifier)
 
 
 def learning_rate_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, num_processes: int):
@@ -228,7 +268,7 @@ def train_step(step: int, components: Components, trained: dict[str, torch.nn.Mo
             parts = micro_batch_loss(batch, generator, components, settings, accelerator.device, accelerator.autocast)
             accelerator.backward(parts.loss)
             if accelerator.sync_gradients:
-                params = [p for module in trained.values() for p in module.parameters()]
+                params = [p for module in trained.values() for p in trainable(module)]
                 # An infinite limit measures the norm without clipping it.
                 grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
             optimizer.step()
@@ -270,7 +310,8 @@ def write_validation_images(components: Components, accelerator, paths: RunPaths
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return
-    unwrapped = {name: accelerator.unwrap_model(getattr(components, name)) for name in ("unet", "text_encoder")}
+    unwrapped = {name: accelerator.unwrap_model(getattr(components, name)) for name in ("unet",) + TEXT_ENCODERS
+                 if getattr(components, name) is not None}
     view = Components(**{**components.__dict__, **unwrapped})
     pipeline = assemble_pipeline(view)
     setting = SamplingSetting(config.validation_sampling_steps, VALIDATION_GUIDANCE, VALIDATION_SCHEDULER)
@@ -285,18 +326,34 @@ def write_validation_images(components: Components, accelerator, paths: RunPaths
                 save_png(image, folder / f"p{index}-seed{seed}.png",
                          {"prompt": prompt, "seed": seed, "steps": setting.steps, "guidance": setting.guidance,
                           "scheduler": setting.scheduler, "training_step": step})
-    unwrapped["unet"].train()
-    if config.train_text_encoder:
-        unwrapped["text_encoder"].train()
+    for name in trained_names(components, config):
+        unwrapped[name].train()
     accelerator.wait_for_everyone()
 
 
-def save_pipeline(components: Components, trained: dict[str, torch.nn.Module], accelerator, target: Path) -> None:
-    """The base pipeline with the fine-tuned parts swapped in, saved in diffusers format (safetensors)."""
-    replaced = {name: accelerator.unwrap_model(getattr(components, name)) for name in trained}  # fp32 throughout
-    pipeline = load_pipeline(components.source, **replaced)
+def trained_names(components: Components, config: TrainConfig) -> list[str]:
+    encoders = [name for name in TEXT_ENCODERS if getattr(components, name) is not None]
+    return ["unet"] + (encoders if config.train_text_encoder else [])
+
+
+def save_trained(components: Components, trained: dict[str, torch.nn.Module], accelerator, target: Path,
+                 config: TrainConfig) -> None:
+    """What the run trained, into `target`: a whole pipeline (diffusers format), or a LoRA folder."""
+    unwrapped = {name: accelerator.unwrap_model(getattr(components, name)) for name in trained}
     with atomic_dir(target) as folder:
-        pipeline.save_pretrained(folder, safe_serialization=True)
+        if not config.uses_lora:
+            # The base pipeline (and --vae) loaded afresh in fp32, with the fine-tuned parts (fp32) swapped in.
+            pipeline = load_pipeline(components.source, vae=config.vae, **unwrapped)
+            pipeline.save_pretrained(folder, safe_serialization=True)
+            return
+        embeddings = {}
+        if config.token_embedding_learning_rate:
+            for name in (name for name in TEXT_ENCODERS if name in unwrapped):
+                suffix = name.removeprefix("text_encoder")  # "" or "_2"
+                rows = lora.trained_embeddings(unwrapped[name], identifier_rows(components, name, config))
+                embeddings.update({f"{key}{suffix}": value for key, value in rows.items()})
+        lora.save_lora(folder, components.pipeline_class, unwrapped, components.source.base_record(),
+                       embeddings or None)
 
 
 def run_record(config: TrainConfig, components: Components) -> str:
@@ -308,6 +365,7 @@ def run_record(config: TrainConfig, components: Components) -> str:
         "dreambooth_version": __version__,
         "base_model": components.source.requested,
         "base_model_kind": components.source.kind,
+        "base_model_location": components.source.base_record()["model"],
         "family": components.family,
         "prediction_type": components.prediction_type,
     }
