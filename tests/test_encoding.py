@@ -1,5 +1,5 @@
-"""Encoding: latents from the VAE's distribution, prompts to token ids, and the identifier's tokens (the full
-text-encoder path is exercised by the training tests)."""
+"""Encoding: latents from the VAE's distribution, prompts to token ids, the identifier's tokens, SDXL's two-encoder
+prompt embeddings and size conditioning (the SD text-encoder path is exercised by the training tests)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from conftest import write_tiny_tokenizer
-from dreambooth.encoding import encode_images, identifier_token_ids, tokenize
+from dreambooth.encoding import encode_images, encode_prompts_sdxl, identifier_token_ids, size_time_ids, tokenize
 from dreambooth.errors import UserError
 
 
@@ -58,3 +58,56 @@ def test_prompts_are_padded_and_cut_to_the_text_encoders_length(tokenizer):
     short, long = tokenize(tokenizer, ["a cat", "cat " * 200])
     assert short.shape == long.shape == (77,)
     assert long[0] == tokenizer.bos_token_id and long[-1] == tokenizer.eos_token_id  # cut, with its ends kept
+
+
+class Wrapped(torch.nn.Module):
+    """What accelerate's DistributedDataParallel does to a trained encoder: the model moves to .module and
+    only calling the wrapper is allowed (its config, hidden states and projection are not attributes here)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipeline(tiny_sdxl_model):
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model)
+
+
+def test_sdxl_prompts_are_encoded_exactly_as_the_sdxl_pipeline_does(sdxl_pipeline):
+    pipe = sdxl_pipeline
+    prompts = ["a photo of miru cat", "a photo of a cat on a very long and winding road " * 6]
+    hidden_states, pooled = encode_prompts_sdxl([pipe.text_encoder, pipe.text_encoder_2],
+                                                [pipe.tokenizer, pipe.tokenizer_2], prompts, "cpu")
+    with torch.no_grad():
+        expected, _, expected_pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    assert hidden_states.shape == (2, 77, 64) and pooled.shape == (2, 32)  # two 32-wide encoders side by side
+    assert torch.equal(hidden_states, expected)  # bit-identical: the same modules on the same token ids
+    assert torch.equal(pooled, expected_pooled)
+    # Penultimate layers, not the last: SDXL skips each encoder's final layer (and its final layer norm).
+    with torch.no_grad():
+        last = pipe.text_encoder(tokenize(pipe.tokenizer, prompts)).last_hidden_state
+    assert not torch.allclose(hidden_states[..., :32], last)
+
+
+def test_sdxl_encoding_only_calls_the_encoders_so_wrapped_ones_work(sdxl_pipeline):
+    pipe = sdxl_pipeline
+    encoders = [pipe.text_encoder, pipe.text_encoder_2]
+    tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
+    plain = encode_prompts_sdxl(encoders, tokenizers, ["a cat"], "cpu")
+    wrapped = encode_prompts_sdxl([Wrapped(e) for e in encoders], tokenizers, ["a cat"], "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(plain, wrapped))
+
+
+def test_size_time_ids_are_original_size_crop_corner_and_target_per_example():
+    time_ids = size_time_ids([(40, 60), (1024, 768)], [(0, 9), (128, 0)], 32)
+    assert time_ids.dtype == torch.float32  # diffusers hands the UNet a float tensor
+    assert time_ids.tolist() == [[40, 60, 0, 9, 32, 32], [1024, 768, 128, 0, 32, 32]]
+    assert size_time_ids([], [], 32).shape == (0, 6)
+    with pytest.raises(ValueError, match="2 original sizes but 1 crop"):
+        size_time_ids([(40, 60), (40, 60)], [(0, 0)], 32)

@@ -174,6 +174,20 @@ def crop_box(size: tuple[int, int], resolution: int, center_crop: bool,
     return left, top, left + resolution, top + resolution
 
 
+def crop_top_left(resized_size: tuple[int, int], box: tuple[int, int, int, int], flip: bool) -> tuple[int, int]:
+    """SDXL's crop conditioning (top, left): where the training square starts in the resized image the model
+    was shown, `resized_size` (width, height) being that image's size and `box` the crop cut from it."""
+    left, top, right, _ = box
+    if flip:
+        # Flipping the cut square is the same as cutting the mirrored image at its mirrored box, whose left edge
+        # lies at width - right; that is the image the pixels show. diffusers' dreambooth SDXL scripts get the
+        # same number by flipping before they crop. Their text-to-image SDXL script instead sets
+        # x1 = image.width - x1 after cropping, where image.width is already the crop's size: that gives
+        # resolution - left, which is not a position in any image (it goes negative for wide photos).
+        left = resized_size[0] - right
+    return top, left
+
+
 def _crop_to_tensor(image: Image.Image, box: tuple[int, int, int, int], flip: bool) -> torch.Tensor:
     """float32 [channels, R, R] with values 0..255."""
     # np.array (a copy), not asarray: torch.from_numpy warns on PIL's read-only buffers.
@@ -236,36 +250,48 @@ class DreamBoothData:
         return int(permutation[position])
 
     def _pixels(self, image: Image.Image, sample_id: int, augment_stream: int,
-                mask: Image.Image | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The image in [-1, 1] and its mask in [0, 1], cut by the same crop and flip."""
+                mask: Image.Image | None = None) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+        """The image in [-1, 1] and its mask in [0, 1], cut by the same crop and flip, and the crop's
+        (top, left) for SDXL, read off that same crop (no further random draw)."""
         generator = seeds.generator(self.seed, augment_stream, sample_id)
         # The flip is drawn even when random_flip is off so the crop offsets do not depend on that flag.
         flip = bool(torch.rand((), generator=generator) < 0.5) and self.random_flip
         box = crop_box(image.size, self.resolution, self.center_crop, generator)
         pixels = _crop_to_tensor(image, box, flip) / 127.5 - 1.0
-        return pixels, (_crop_to_tensor(mask, box, flip) / 255.0 if mask is not None else None)
+        cut_mask = _crop_to_tensor(mask, box, flip) / 255.0 if mask is not None else None
+        return pixels, cut_mask, crop_top_left(image.size, box, flip)
 
     def batch(self, sample_ids: list[int]) -> dict:
         """Instance examples for `sample_ids`, then (with class images) class examples for the same ids.
-        With masks, "masks" [B, 1, R, R] holds each example's mask (class examples: all ones)."""
+        With masks, "masks" [B, 1, R, R] holds each example's mask (class examples: all ones).
+        For SDXL's size conditioning, "original_sizes" holds each example's (height, width) as decoded,
+        before any resize, and "crop_top_lefts" the (top, left) of its crop (see crop_top_left)."""
         if any(k < 0 for k in sample_ids):
             raise ValueError(f"sample ids must be non-negative, got {sample_ids}")
         pixels: list[torch.Tensor] = []
         masks: list[torch.Tensor] = []
         prompts: list[str] = []
+        original_sizes: list[tuple[int, int]] = []
+        crop_top_lefts: list[tuple[int, int]] = []
         for k in sample_ids:
             index = self._pick(k, self.num_instance, _INSTANCE_ORDER)
             mask = self._instance_masks[index] if self.has_masks else None
-            image, cut_mask = self._pixels(self._instance_images[index], k, _INSTANCE_AUGMENT, mask)
+            image, cut_mask, corner = self._pixels(self._instance_images[index], k, _INSTANCE_AUGMENT, mask)
             pixels.append(image)
             masks += [cut_mask] if cut_mask is not None else []
             prompts.append(self.instance[index].prompt)
+            original_sizes.append(self.instance[index].image.size[::-1])
+            crop_top_lefts.append(corner)
         if self.classes is not None:
             for k in sample_ids:
                 index = self._pick(k, self.num_class, _CLASS_ORDER)
-                pixels.append(self._pixels(self._class_images[index], k, _CLASS_AUGMENT)[0])
+                image, _, corner = self._pixels(self._class_images[index], k, _CLASS_AUGMENT)
+                pixels.append(image)
                 prompts.append(self.classes[index].prompt)
-        batch = {"pixel_values": torch.stack(pixels), "prompts": prompts, "num_instance": len(sample_ids)}
+                original_sizes.append(self.classes[index].image.size[::-1])
+                crop_top_lefts.append(corner)
+        batch = {"pixel_values": torch.stack(pixels), "prompts": prompts, "num_instance": len(sample_ids),
+                 "original_sizes": original_sizes, "crop_top_lefts": crop_top_lefts}
         if self.has_masks:
             # Class examples are learned whole.
             whole = torch.ones(len(pixels) - len(masks), 1, self.resolution, self.resolution)

@@ -1,7 +1,8 @@
-"""The frozen encoders' work: pixels to latents (VAE) and prompts to embeddings (text encoder).
+"""The frozen encoders' work: pixels to latents (VAE), prompts to embeddings (text encoders), and SDXL's
+size conditioning.
 
-Training and class-image code call only these two functions, so caching latents or prompt
-embeddings, or adding SDXL's second encoder and size conditioning, changes this file alone.
+Training and class-image code call only these functions, so caching latents or prompt embeddings
+changes this file alone.
 """
 
 from __future__ import annotations
@@ -36,6 +37,32 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str], device: torch.de
     """The per-token hidden states the UNet cross-attends to (the encoder may be wrapped for multi-GPU)."""
     token_ids = tokenize(tokenizer, prompts).to(device)
     return text_encoder(token_ids)[0]
+
+
+def encode_prompts_sdxl(text_encoders: list, tokenizers: list, prompts: list[str],
+                        device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's conditioning, as it was trained and as `StableDiffusionXLPipeline.encode_prompt` computes it:
+    every encoder's penultimate hidden states side by side on the last axis [B, 77, sum of widths], and the
+    last encoder's projected pooled embedding [B, projection_dim] (the UNet's "text_embeds")."""
+    hidden_states = []
+    for text_encoder, tokenizer in zip(text_encoders, tokenizers, strict=True):
+        # Call the module itself (not its submodules) so an accelerate/DDP wrapper still syncs gradients.
+        outputs = text_encoder(tokenize(tokenizer, prompts).to(device), output_hidden_states=True)
+        # SDXL reads the penultimate layer, before the final layer norm, for every encoder.
+        hidden_states.append(outputs.hidden_states[-2])
+    # Only the last encoder (SDXL's OpenCLIP bigG, a CLIPTextModelWithProjection) projects its pooled state.
+    return torch.cat(hidden_states, dim=-1), outputs.text_embeds
+
+
+def size_time_ids(original_sizes: list[tuple[int, int]], crop_top_lefts: list[tuple[int, int]],
+                  resolution: int) -> torch.Tensor:
+    """SDXL's micro-conditioning, one row per example: (original height, original width, crop top, crop left,
+    target height, target width): float32 [B, 6], a float tensor as diffusers gives the UNet (which embeds
+    the numbers with sinusoids computed in float32, so they stay exact integers)."""
+    if len(original_sizes) != len(crop_top_lefts):
+        raise ValueError(f"{len(original_sizes)} original sizes but {len(crop_top_lefts)} crop corners")
+    rows = [(*size, *corner, resolution, resolution) for size, corner in zip(original_sizes, crop_top_lefts)]
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), 6)
 
 
 def identifier_token_ids(tokenizer, instance_prompt: str, class_prompt: str | None,
