@@ -11,7 +11,7 @@ REQUIRED = {"model": "m", "instance_dir": "d", "instance_prompt": "a photo of mi
 def test_flags_override_file_and_defaults_fill_the_rest():
     config = build_config(TrainConfig, {**REQUIRED, "learning_rate": 1e-6, "max_train_steps": 50},
                           {"max_train_steps": 9})
-    assert config.learning_rate == 1e-6 and config.max_train_steps == 9 and config.resolution == 512
+    assert config.learning_rate == 1e-6 and config.max_train_steps == 9 and config.resolution is None  # native size
 
 
 def test_yaml_and_toml_files_load(tmp_path):

@@ -42,21 +42,40 @@ def write_loss_plot(metrics_path: Path, output: Path) -> Path | None:
     return output
 
 
+def _run_record(paths) -> dict[str, Any]:
+    """What RUN/config.yaml says the run was made from (family, base model)."""
+    import yaml
+
+    if not paths.config.is_file():
+        return {}
+    return (yaml.safe_load(paths.config.read_text()) or {}).get("_run", {})
+
+
 def write_model_card(paths, settings: dict[str, Any]) -> Path:
     """A README for the run: what it was trained from and how, how it went, and how to use it."""
     records = read_jsonl(paths.metrics)
     final = records[-1] if records else {}
     lowest = min(records, key=lambda r: r["loss"]) if records else {}
+    run = _run_record(paths)
+    pipeline_class = "StableDiffusionXLPipeline" if run.get("family") == "sdxl" else "StableDiffusionPipeline"
+    is_lora = paths.final_model == paths.lora
+    if is_lora:
+        base = run.get("base_model_location", settings["model"])
+        loading = [f'pipeline = {pipeline_class}.from_pretrained("{base}")',
+                   f'pipeline.load_lora_weights("{paths.lora.resolve()}")']
+    else:
+        loading = [f'pipeline = {pipeline_class}.from_pretrained("{paths.pipeline.resolve()}")']
     lines = [
         f"# DreamBooth: {settings['instance_prompt']}",
         "",
-        f"Fine-tuned from `{settings['model']}` with [dreambooth](https://pypi.org/project/dreambooth/).",
+        f"{'LoRA adapters (rank ' + str(settings.get('lora_rank')) + ') for' if is_lora else 'Fine-tuned from'} "
+        f"`{settings['model']}`, trained with [dreambooth](https://pypi.org/project/dreambooth/).",
         "",
         "## Use",
         "",
         "```python",
-        "from diffusers import StableDiffusionPipeline",
-        f'pipeline = StableDiffusionPipeline.from_pretrained("{paths.pipeline.resolve()}")',
+        f"from diffusers import {pipeline_class}",
+        *loading,
         f'image = pipeline("{settings["instance_prompt"]} by the sea").images[0]',
         "```",
         "",
@@ -70,7 +89,9 @@ def write_model_card(paths, settings: dict[str, Any]) -> Path:
     ]
     for key in ("instance_prompt", "class_prompt", "num_class_images", "prior_loss_weight", "resolution",
                 "learning_rate", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
-                "lr_scheduler", "train_text_encoder", "mixed_precision", "seed"):
+                "lr_scheduler", "train_text_encoder", "mixed_precision", "seed", "lora_rank", "lora_alpha"):
+        if key.startswith("lora") and not is_lora:
+            continue
         lines.append(f"| {key} | {settings.get(key)} |")
     if final:
         lines += ["", f"Final loss {final['loss']:.4f} at step {final['step']}; "

@@ -43,15 +43,21 @@ METRICS = ("clip_i", "clip_t", "scene_accuracy", "marking_rate", "pres", "div")
 MIN_SCENE_ACCURACY = 0.8  # issue 3: fine-tuning may not cost the prompt its scene
 
 
+FULL_RATE = 2e-4
+LORA_RATE = 2e-3
+
+
 @dataclass
 class DemoConfig:
     """The whole DreamBooth story in the miniature world (no download, no GPU, a few minutes)."""
 
     output: str = option("demo-output", "Folder for the demo's photos, run, images and report.")
     max_train_steps: int = option(160, "Training steps.", positive=True)
-    learning_rate: float = option(
-        2e-4, "UNet learning rate (tiny models take larger steps than SD; the text encoder gets a tenth).",
-        positive=True)
+    learning_rate: float | None = option(
+        None, f"UNet learning rate (default {FULL_RATE:g}, with --lora-rank {LORA_RATE:g}: tiny models take larger "
+              "steps than SD; the text encoder gets a tenth).", positive=True)
+    lora_rank: int | None = option(
+        None, "Train LoRA adapters of this rank (UNet and text encoder) instead of the whole models.", positive=True)
     train_batch_size: int = option(4, "Instance images per step (as many class images are added).", positive=True)
     train_text_encoder: bool = option(True, "Also fine-tune the text encoder, so the rare word \"miru\" binds fast.")
     token_embedding_learning_rate: float = option(
@@ -72,6 +78,8 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        if self.learning_rate is None:
+            self.learning_rate = LORA_RATE if self.lora_rank else FULL_RATE
 
 
 def subject_prompts() -> list[str]:
@@ -99,7 +107,7 @@ def train_settings(config: DemoConfig, output: Path, prior: bool = True) -> Trai
         # A tenth of the UNet's rate: at the same rate "miru" swallowed the scene words (every image a room).
         text_encoder_learning_rate=config.learning_rate / 10,
         token_embedding_learning_rate=config.token_embedding_learning_rate if config.train_text_encoder else None,
-        identifier=IDENTIFIER,
+        identifier=IDENTIFIER, lora_rank=config.lora_rank,
         lr_scheduler="constant", seed=config.seed,
     )
 
