@@ -160,14 +160,47 @@ def list_checkpoints(paths: RunPaths) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def load_latest_checkpoint(accelerator, paths: RunPaths) -> int:
-    """Restore the newest checkpoint into the prepared objects; return its step (0 when there is none)."""
+def load_latest_checkpoint(accelerator, paths: RunPaths, partial_models: list | None = None) -> int:
+    """Restore the newest checkpoint into the prepared objects; return its step (0 when there is none).
+
+    `partial_models` (LoRA runs, see `save_only_trainable_weights`): the prepared models, whose checkpoint
+    files hold only their trainable weights; every one of those must be there.
+    """
     checkpoints = list_checkpoints(paths)
     if not checkpoints:
         return 0
     step, folder = checkpoints[-1]
-    accelerator.load_state(str(folder))
+    if partial_models is None:
+        accelerator.load_state(str(folder))
+        return step
+    from safetensors import safe_open
+
+    for index, model in enumerate(partial_models):
+        file = folder / f"model{f'_{index}' if index else ''}.safetensors"
+        with safe_open(str(file), framework="pt") as handle:
+            missing = trainable_names(model) - set(handle.keys())
+        if missing:
+            raise UserError(f"--resume: {file} lacks trained weights ({sorted(missing)[0]}, ...); "
+                            "it was written by another kind of run: use a new --output")
+    accelerator.load_state(str(folder), strict=False)
     return step
+
+
+def trainable_names(model) -> set[str]:
+    return {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+def save_only_trainable_weights(accelerator) -> None:
+    """Make checkpoints hold only the weights that learn (LoRA adapters, trained embeddings), not the frozen
+    base model (gigabytes for SD): resuming loads the base model as usual and these over it."""
+
+    def drop_frozen(models: list, weights: list[dict], output_dir: str) -> None:
+        for model, state in zip(models, weights):
+            learning = trainable_names(model)
+            for key in [key for key in state if key not in learning]:
+                del state[key]
+
+    accelerator.register_save_state_pre_hook(drop_frozen)
 
 
 def truncate_metrics(paths: RunPaths, step: int) -> float:

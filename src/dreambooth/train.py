@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from dreambooth import __version__, lora, seeds
 from dreambooth.artifacts import write_loss_plot, write_model_card
 from dreambooth.checkpoints import (RunPaths, claim_run_folder, load_latest_checkpoint, save_checkpoint,
-                                    truncate_metrics)
+                                    save_only_trainable_weights, truncate_metrics)
 from dreambooth.class_images import top_up_class_images
 from dreambooth.config import TrainConfig, class_images_config, to_dict
 from dreambooth.data import DreamBoothData, load_examples, load_masks
@@ -88,8 +88,10 @@ def train(config: TrainConfig) -> RunPaths:
 
     # 5. Record the settings, or resume from the newest checkpoint.
     start_step, seconds_before = 0, 0.0
+    if config.uses_lora:
+        save_only_trainable_weights(accelerator)
     if config.resume:
-        start_step = load_latest_checkpoint(accelerator, paths)
+        start_step = load_latest_checkpoint(accelerator, paths, prepared[:-2] if config.uses_lora else None)
         seconds_before = truncate_metrics(paths, start_step) if start_step else 0.0
         print(f"resuming {paths.root} at step {start_step}" if start_step
               else "--resume: no checkpoint yet; starting at step 0")
