@@ -199,3 +199,26 @@ def test_shipped_miniworld_sweep_is_a_valid_sweep(monkeypatch):
     monkeypatch.chdir(root)
     trials = expand_trials(load_sweep(root / "examples" / "miniworld-sweep.yaml"))
     assert len(trials) == 4 and len({t.run for t in trials}) == 2
+
+
+def test_a_grid_over_lora_rank_trains_lora_runs_samples_them_and_skips_them_when_done(tiny_model, instance_dir,
+                                                                                       tmp_path, monkeypatch):
+    from dreambooth.lora import is_lora_folder
+
+    sweep_file = write_sweep(tmp_path, tiny_model, instance_dir,
+                             grid={"lora_rank": [2, 4], "max_train_steps": [1, 2]}, seeds=[0])
+    output = tmp_path / "sweep"
+    run_sweep(SweepConfig(sweep=str(sweep_file), output=str(output)))
+    runs = sorted(p.name for p in (output / "runs").iterdir())
+    assert len(runs) == 2
+    for run in runs:
+        root = output / "runs" / run
+        assert is_lora_folder(root / "lora") and is_lora_folder(root / "pipelines" / "step-000001")
+        assert not (root / "pipeline").exists()
+        assert yaml.safe_load((root / "config.yaml").read_text())["learning_rate"] == 1e-4  # LoRA's default
+    manifests = sorted((output / "samples").glob("*/manifest.jsonl"))
+    assert len(manifests) == 4 and all(len(m.read_text().splitlines()) == 2 for m in manifests)
+    import dreambooth.train as training
+
+    monkeypatch.setattr(training, "train", lambda config: pytest.fail(f"{config.output} trained again"))
+    run_sweep(SweepConfig(sweep=str(sweep_file), output=str(output)))
