@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from peft.tuners.lora import LoraLayer
+
 from dreambooth.config import GenerateConfig, TrainConfig
 from dreambooth.errors import UserError
 from dreambooth.lora import BASE_MODEL, EMBEDDINGS, LORA_WEIGHTS
@@ -170,8 +172,13 @@ def test_all_linear_adapts_more_layers_than_attention(tiny_model, instance_dir, 
     for targets in ("attention+ff", "all-linear"):
         run = train(lora_config(tiny_model, instance_dir, tmp_path / targets, max_train_steps=1,
                                 train_text_encoder=False, lora_targets=targets))
-        counts[targets] = len(load_file(run.lora / LORA_WEIGHTS))
-        assert load_pipeline(str(run.root)) is not None  # diffusers loads whatever layers were adapted
+        saved = load_file(run.lora / LORA_WEIGHTS)
+        counts[targets] = len(saved)
+        # Every adapted layer is loaded again, by our loader and by plain diffusers.
+        loaded = load_pipeline(str(run.root)).unet
+        adapted = {name for name, module in loaded.named_modules() if isinstance(module, LoraLayer)}
+        assert adapted == {key.removeprefix("unet.").removesuffix(".lora_A.weight") for key in saved
+                           if key.endswith(".lora_A.weight")}
     assert counts["all-linear"] > counts["attention+ff"]
 
 

@@ -206,7 +206,6 @@ def check_groups(run, hand, config, seen) -> None:
         assert moved.nonzero().flatten().tolist() == hand.identifier_rows
 
 
-LORA_LAYER = {"unet": ".lora.", "text_encoder": ".lora_linear_layer."}  # diffusers' key layout per part
 ATTENTION = {"unet": ("to_q", "to_k", "to_v", "to_out.0"), "text_encoder": ("q_proj", "k_proj", "v_proj", "out_proj")}
 
 
@@ -221,14 +220,14 @@ def check_lora(run, hand, config, seen) -> None:
     scale = config.lora_alpha / config.lora_rank
     expected_b, gradients = {}, []
     for key, down in adapters.items():
-        if not key.endswith(".down.weight"):
+        if not key.endswith(".lora_A.weight"):
             continue
         part, rest = key.split(".", 1)
-        layer = rest.replace(LORA_LAYER[part] + "down.weight", "")
+        layer = rest.removesuffix(".lora_A.weight")
         assert layer.endswith(ATTENTION[part]) and down.shape[0] == config.lora_rank  # attention layers, rank R
         gradient = scale * hand.grads[part][layer + ".weight"] @ down.T
         gradients.append(gradient)
-        expected_b[key.replace(".down.", ".up.")] = gradient
+        expected_b[key.replace(".lora_A.", ".lora_B.")] = gradient
     adapted = {(part, name) for part, names in hand.grads.items() for name in names
                if name.removesuffix(".weight").endswith(ATTENTION[part])}
     assert len(expected_b) == len(adapted)  # every attention layer of the UNet and text encoder, nothing else

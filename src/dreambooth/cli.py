@@ -16,8 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 from dreambooth import __version__
-from dreambooth.config import (RENAMED, ClassImagesConfig, EvaluateConfig, GenerateConfig, ReportConfig, SweepConfig,
-                               TrainConfig, build_config, cli_fields, flag_name, load_config_file)
+from dreambooth.config import (RENAMED, ClassImagesConfig, EvaluateConfig, ExportConfig, GenerateConfig, ReportConfig,
+                               SweepConfig, TrainConfig, build_config, cli_fields, flag_name, load_config_file)
 from dreambooth.errors import UserError
 from dreambooth.miniworld.demo import DemoConfig  # the application shell may import the demo; the core never does
 
@@ -70,6 +70,12 @@ def run_report(config: ReportConfig) -> None:
     report(config)
 
 
+def run_export(config: ExportConfig) -> None:
+    from dreambooth.export import export
+
+    print(f"done: {export(config)}")
+
+
 def run_demo(config: DemoConfig) -> None:
     from dreambooth.miniworld.demo import run_demo as demo
 
@@ -83,6 +89,8 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
     "sweep": (SweepConfig, run_sweep, "Train, sample, measure and report a grid of settings."),
     "evaluate": (EvaluateConfig, run_evaluate, "Measure a generation: DINO, CLIP-I, CLIP-T, PRES, DIV."),
     "report": (ReportConfig, run_report, "Write report.html and report.md for a sweep folder."),
+    "export": (ExportConfig, run_export, "Write a run as a single file (A1111, ComfyUI), a kohya LoRA or a diffusers "
+                                         "folder."),
     "demo": (DemoConfig, run_demo, "Run the whole story in the miniature world (CPU, minutes, no download)."),
 }
 

@@ -13,13 +13,17 @@ written under the final name.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from dreambooth.files import atomic_dir, atomic_file
+from dreambooth import lora
+from dreambooth.config import ExportConfig
+from dreambooth.errors import UserError
+from dreambooth.files import atomic_dir, atomic_file, move_aside
 from dreambooth.original_layout import clip_to_original, openclip_to_original, unet_to_original, vae_to_original
 
 Tensor = torch.Tensor
@@ -281,3 +285,104 @@ def write_kohya_lora(lora_file: Path, path: Path, dtype: torch.dtype | str = tor
     header |= {key: str(value) for key, value in (metadata or {}).items()}
     with atomic_file(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata=header)
+
+
+# --- the export command ------------------------------------------------------------------------------------------
+
+
+def export(config: ExportConfig) -> Path:
+    """Write `config.run` in `config.format` to `config.output`; refuse (one line, nothing written) what the
+    format cannot hold."""
+    from dreambooth.models import resolve_model
+
+    source = resolve_model(config.run, config.allow_pickle)
+    output = Path(config.output)
+    check_export(config, source, output)
+    if output.exists():  # --overwrite (check_export refused otherwise): the old one is kept, moved aside
+        moved = move_aside(output.parent, [output.name])
+        print(f"--overwrite: moved the previous {output.name} to {moved}")
+    if config.format == "kohya":
+        lora_folder = Path(source.lora)
+        if (lora_folder / lora.EMBEDDINGS).is_file():
+            print(f"warning: {lora_folder / lora.EMBEDDINGS} (the identifier's trained embedding rows) has no place in "
+                  "a kohya LoRA and is left out; --format single-file --merge-lora keeps it", file=sys.stderr)
+        write_kohya_lora(lora_folder / lora.LORA_WEIGHTS, output, config.dtype, kohya_metadata(Path(config.run)),
+                         base_version=kohya_base_version(source))
+        return output
+    pipeline = load_for_export(source, config)
+    if config.format == "single-file":
+        write_single_file(pipeline, output, config.dtype)
+    else:
+        write_diffusers_folder(pipeline, output, config.dtype)
+    return output
+
+
+def check_export(config: ExportConfig, source: Any, output: Path) -> None:
+    """Every way an export request cannot be met, as one line before anything is read or written."""
+    run = config.run
+    if config.format == "kohya" and not source.lora:
+        raise UserError(f"export --format kohya: {run} is a full fine-tune, not a LoRA run; "
+                        "use --format single-file (or diffusers)")
+    if config.merge_lora and not source.lora:
+        raise UserError(f"--merge-lora: {run} is a full fine-tune; it has no LoRA to merge")
+    if config.format == "kohya" and config.merge_lora:
+        raise UserError("--merge-lora makes a whole model; a kohya file holds the adapters alone: "
+                        "use --format single-file or diffusers with --merge-lora")
+    if source.lora and config.format != "kohya" and not config.merge_lora:
+        raise UserError(f"export --format {config.format}: {run} is a LoRA run; add --merge-lora to write it merged "
+                        "into its base model, or use --format kohya for the adapters alone")
+    if config.lora_scale != 1.0 and not config.merge_lora:
+        raise UserError("--lora-scale sets the strength merged in: it needs --merge-lora")
+    if config.format in ("single-file", "kohya") and output.suffix != ".safetensors":
+        raise UserError(f"--output {output}: a {config.format} export is one .safetensors file; "
+                        f"name it e.g. {output.with_suffix('.safetensors').name}")
+    if output.exists() and not config.overwrite:
+        raise UserError(f"--output {output}: exists; pass --overwrite to replace it (the old one is moved aside)")
+
+
+def load_for_export(source: Any, config: ExportConfig):
+    """The run's pipeline in fp32 on the CPU; a LoRA run with its adapters (and embedding rows) merged."""
+    from dreambooth.models import load_pipeline, without_safety_checker
+
+    # A LoRA loads at the merged strength (its adapters' weight and its embedding rows), then folds in at 1.
+    pipeline = load_pipeline(source, torch_dtype=torch.float32, lora_scale=config.lora_scale,
+                             **without_safety_checker(source))
+    if source.lora:
+        merge_lora(pipeline, 1.0)
+    return pipeline
+
+
+def kohya_base_version(source: Any) -> str:
+    """kohya's family name of a LoRA run's base model, from its text encoder's config (no weights read)."""
+    if source.family == "sdxl":
+        return SDXL
+    from transformers import CLIPTextConfig
+
+    where = source.model_config if source.kind == "single_file" else source.location
+    if where is None:  # a single file without configs: SD 1.x unless its text encoder is OpenCLIP's
+        from safetensors import safe_open
+
+        with safe_open(source.location, framework="pt") as handle:
+            return SD_V2 if any(key.startswith("cond_stage_model.model.") for key in handle.keys()) else SD_V1
+    hidden_act = CLIPTextConfig.from_pretrained(where, subfolder="text_encoder").hidden_act
+    return SD_V2 if hidden_act == "gelu" else SD_V1
+
+
+def kohya_metadata(run: Path) -> dict[str, str]:
+    """The run's training settings as kohya's `ss_*` metadata (what A1111's and ComfyUI's LoRA info shows)."""
+    import yaml
+
+    from dreambooth import __version__
+
+    record_file = run / "config.yaml"
+    record = yaml.safe_load(record_file.read_text()) if record_file.is_file() else {}
+    names = {"ss_learning_rate": "learning_rate", "ss_unet_lr": "learning_rate",
+             "ss_text_encoder_lr": "text_encoder_learning_rate", "ss_max_train_steps": "max_train_steps",
+             "ss_resolution": "resolution", "ss_seed": "seed", "ss_train_batch_size": "train_batch_size",
+             "ss_gradient_accumulation_steps": "gradient_accumulation_steps", "ss_lr_scheduler": "lr_scheduler",
+             "ss_mixed_precision": "mixed_precision", "ss_network_dropout": "lora_dropout",
+             "ss_prior_loss_weight": "prior_loss_weight", "ss_min_snr_gamma": "snr_gamma",
+             "ss_noise_offset": "offset_noise"}
+    metadata = {name: str(record[key]) for name, key in names.items() if record.get(key) is not None}
+    metadata["ss_training_comment"] = f"dreambooth {__version__}: {record.get('instance_prompt', '')}".strip()
+    return metadata

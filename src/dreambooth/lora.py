@@ -68,11 +68,15 @@ def adapter_config(module: torch.nn.Module) -> dict[str, Any] | None:
 
 
 def lora_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' weights in diffusers' key layout."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The adapters' weights in peft's key layout (`<layer>.lora_A.weight`, `<layer>.lora_B.weight`).
+
+    Not converted to diffusers' older `lora.down` names: that conversion renames attention layers only, and
+    diffusers' loader decides by the first key whether a file needs converting, so an all-linear file (first
+    key a ResNet layer) silently lost its attention adapters. peft's names load the same for every target.
+    """
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+    return get_peft_model_state_dict(module)
 
 
 def save_lora(folder: Path, pipeline_class: type, modules: dict[str, torch.nn.Module], base_model: dict[str, Any],
