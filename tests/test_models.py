@@ -1,5 +1,7 @@
 """Model resolution and loading, through the same paths a user's model takes."""
 
+import json
+
 import pytest
 import torch
 
@@ -63,3 +65,16 @@ def test_miniworld_names_the_shipped_model():
     else:
         with pytest.raises(UserError, match=r"^--model miniworld \(the miniature Stable Diffusion.*not installed"):
             resolve_model("miniworld")
+
+
+@pytest.mark.parametrize("class_name", ["StableDiffusion3Pipeline", "FluxPipeline", "StableDiffusionInpaintPipeline"])
+def test_families_we_cannot_train_are_named_with_those_we_can(tmp_path, class_name):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    with pytest.raises(UserError, match=f"a {class_name} pipeline is not a model family dreambooth can train; "
+                                        "it trains Stable Diffusion 1.x, 2.x and SDXL"):
+        resolve_model(str(tmp_path))
+
+
+def test_sdxl_folder_is_told_apart(tiny_sdxl_model):
+    assert resolve_model(str(tiny_sdxl_model)).family == "sdxl"
+    assert load_components(str(tiny_sdxl_model)).text_encoder_2 is not None

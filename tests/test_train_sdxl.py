@@ -63,7 +63,9 @@ def test_sdxl_lora_with_prior_preservation_saves_both_encoders_and_loads(tiny_sd
     from diffusers import StableDiffusionXLPipeline
 
     run = train(sdxl_config(tiny_sdxl_model, sdxl_root, "lora", lora_rank=4, identifier="miru",
-                            token_embedding_learning_rate=1e-2, learning_rate=1e-2))
+                            token_embedding_learning_rate=1e-2, learning_rate=1e-2,
+                            validation_prompt=["a photo of miru cat"], validation_sampling_steps=2))
+    assert len(list(run.validation_step(2).glob("*.png"))) == 2  # validation renders through both encoders
     saved = load_file(run.lora / LORA_WEIGHTS)
     assert {key.split(".")[0] for key in saved} == {"unet", "text_encoder", "text_encoder_2"}
     assert set(load_file(run.lora / EMBEDDINGS)) == {"token_ids", "embeddings", "token_ids_2", "embeddings_2"}

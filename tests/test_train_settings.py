@@ -287,6 +287,7 @@ ROWS = {  # row -> (model fixture, settings, check)
                        "token_embedding_learning_rate": 5e-2, "identifier": "miru"}, check_groups),
     "lora_rank, lora_alpha": ("tiny_model", {"lora_rank": 3, "lora_alpha": 6.0, "learning_rate": 1e-3,
                                              "train_text_encoder": True, "train_batch_size": 2}, check_lora),
+    "lora_rank, v_prediction": ("tiny_vpred_model", {"lora_rank": 2, "train_batch_size": 2}, check_lora),
     "mixed_precision bf16": ("tiny_model", {"mixed_precision": "bf16"}, check_bf16),
     "gradient_checkpointing": ("tiny_model", {"gradient_checkpointing": True}, check_gradient_checkpointing),
 }
