@@ -151,7 +151,8 @@ class TrainConfig:
         positive=True)
     snr_gamma: float | None = option(None, "Min-SNR loss weighting gamma (5.0 is the paper's value).", positive=True)
     save_pipeline_at: list[int] = option(
-        [], "Also save the pipeline at these steps, in RUN/pipelines/step-NNNNNN/ (sweeps use this).")
+        [], "Also save the trained weights (a pipeline, or a LoRA run's LoRA folder) at these steps, in "
+            "RUN/pipelines/step-NNNNNN/ (sweeps use this).")
     checkpoint_every: int = option(0, "Save a resumable checkpoint every N steps (0: never).", non_negative=True)
     keep_checkpoints: int = option(2, "Keep only the newest K checkpoints.", positive=True)
     resume: bool = option(False, "Continue the run in --output from its newest checkpoint.")
