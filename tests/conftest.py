@@ -45,34 +45,35 @@ def write_tiny_tokenizer(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
+# Two levels, one ResNet each, cross-attention at the lower one: SD's block structure in miniature.
+TINY_UNET_LAYOUT = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=TINY_RESOLUTION // 2,
+                        in_channels=4, out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+
+
+def tiny_vae(**config):
+    """A VAE that halves the image once (latents of 16x16 at 32 px), with SD's default config otherwise."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=[16, 32], in_channels=3, out_channels=3,
+                         down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+                         up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4,
+                         norm_num_groups=16, sample_size=TINY_RESOLUTION, **config)
+
+
 def build_tiny_pipeline(folder: Path, prediction_type: str = "epsilon") -> Path:
     """Build and save a tiny Stable Diffusion pipeline (diffusers format) under `folder`."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=TINY_RESOLUTION // 2,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **TINY_UNET_LAYOUT,
         cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        block_out_channels=[16, 32],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=TINY_RESOLUTION,
-    )
+    vae = tiny_vae()
     scheduler = DDPMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -117,19 +118,12 @@ def build_tiny_pipeline(folder: Path, prediction_type: str = "epsilon") -> Path:
 def build_tiny_sdxl_pipeline(folder: Path) -> Path:
     """Build and save a tiny SDXL pipeline: two text encoders (the second with a projection, giving the pooled
     embedding), a UNet with SDXL's "text_time" added conditioning, and SDXL's block layout in miniature."""
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=TINY_RESOLUTION // 2,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **TINY_UNET_LAYOUT,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -139,17 +133,7 @@ def build_tiny_sdxl_pipeline(folder: Path) -> Path:
         cross_attention_dim=64,  # both encoders' hidden states side by side
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        block_out_channels=[16, 32],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=TINY_RESOLUTION,
-        scaling_factor=0.13025,
-    )
+    vae = tiny_vae(scaling_factor=0.13025)  # SDXL's latent scale
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="leading", steps_offset=1)
     tokenizer_dir = folder / "_tokenizer_src"
