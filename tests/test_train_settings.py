@@ -107,6 +107,8 @@ def observe():
         elif isinstance(module, (Encoder, CLIPTextModel)):  # vae.encode() calls its Encoder, not forward()
             part = "vae" if isinstance(module, Encoder) else "text_encoder"
             seen.frozen_parts[part].update((p.requires_grad, p.dtype) for p in module.parameters())
+            if part == "text_encoder" and module.training:  # only a trained encoder is checkpointed
+                seen.checkpointing.add(getattr(module, "is_activation_checkpointing", None))
 
     def after_forward(module, args, output):
         if isinstance(module, Encoder):
@@ -250,7 +252,7 @@ def check_bf16(run, hand, config, seen) -> None:
 
 
 def check_gradient_checkpointing(run, hand, config, seen) -> None:
-    assert seen.checkpointing == {True}
+    assert seen.checkpointing == {True}  # the UNet and the trained text encoder
     check_first_step(run, hand, config, seen)  # the same numbers, recomputed instead of stored
 
 
@@ -289,7 +291,8 @@ ROWS = {  # row -> (model fixture, settings, check)
                                              "train_text_encoder": True, "train_batch_size": 2}, check_lora),
     "lora_rank, v_prediction": ("tiny_vpred_model", {"lora_rank": 2, "train_batch_size": 2}, check_lora),
     "mixed_precision bf16": ("tiny_model", {"mixed_precision": "bf16"}, check_bf16),
-    "gradient_checkpointing": ("tiny_model", {"gradient_checkpointing": True}, check_gradient_checkpointing),
+    "gradient_checkpointing": ("tiny_model", {"gradient_checkpointing": True, "train_text_encoder": True},
+                               check_gradient_checkpointing),
 }
 
 

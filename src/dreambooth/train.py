@@ -194,7 +194,9 @@ def enable_gradient_checkpointing(module: torch.nn.Module) -> None:
     the switch differently)."""
     if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models
         module.enable_gradient_checkpointing()
-    else:  # transformers models
+    elif hasattr(module, "activation_checkpointing_enable"):  # transformers 5 (the old name warns)
+        module.activation_checkpointing_enable()
+    else:  # older transformers
         module.gradient_checkpointing_enable()
 
 
