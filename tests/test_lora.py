@@ -105,6 +105,10 @@ def test_identifier_embeddings_are_saved_and_move_only_its_rows(tiny_model, lora
     table = load_pipeline(str(lora_run.root)).text_encoder.get_input_embeddings().weight
     moved = (table != base_rows).any(dim=1).nonzero().flatten().tolist()
     assert moved == stored["token_ids"].tolist()
+    ids = stored["token_ids"]
+    torch.testing.assert_close(table[ids], stored["embeddings"], rtol=0, atol=1e-7)  # the trained rows
+    half = load_pipeline(str(lora_run.root), lora_scale=0.5).text_encoder.get_input_embeddings().weight
+    torch.testing.assert_close(half[ids], (base_rows[ids] + stored["embeddings"]) / 2, rtol=0, atol=1e-7)
 
 
 def fused_unet(model: str, scale: float) -> dict[str, torch.Tensor]:
@@ -223,3 +227,14 @@ def test_lora_scale_on_a_full_model_and_training_on_a_lora_run_are_refused(tiny_
 def test_a_lora_folder_names_its_base_model(tiny_model, lora_run):
     source = resolve_model(str(lora_run.lora))
     assert (source.location, source.lora, source.family) == (str(tiny_model), str(lora_run.lora), "sd")
+
+
+def test_a_lora_folder_without_its_base_model_is_one_line(lora_run, tmp_path):
+    import shutil
+
+    shutil.copy(lora_run.lora / LORA_WEIGHTS, tmp_path / LORA_WEIGHTS)
+    with pytest.raises(UserError, match="a LoRA without base_model.json, so which model it adapts is unknown"):
+        resolve_model(str(tmp_path))
+    (tmp_path / BASE_MODEL).write_text(json.dumps({"model": str(lora_run.root / "missing")}))
+    with pytest.raises(UserError, match="its base model cannot be loaded"):
+        resolve_model(str(tmp_path))

@@ -51,7 +51,7 @@ def add_adapters(module: torch.nn.Module, part: str, rank: int, alpha: float, dr
     model starts exactly where the base model is)."""
     from peft import LoraConfig
 
-    module.requires_grad_(False)
+    # No requires_grad_(False) here: injecting adapters marks every other weight frozen (peft does it).
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=True,
                         target_modules=target_modules(module, targets, part))
     # peft draws A from torch's global generator; seed a private copy of it so the run is reproducible

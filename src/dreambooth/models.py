@@ -82,6 +82,9 @@ def resolve_model(model: str, allow_pickle: bool = False, model_config: str | No
     for folder in (path, path / "lora"):
         if folder.is_dir() and lora.is_lora_folder(folder):
             return _lora_source(model, folder, allow_pickle)
+    if (path / lora.LORA_WEIGHTS).is_file():
+        raise UserError(f"--model {model}: a LoRA without {lora.BASE_MODEL}, so which model it adapts is unknown; "
+                        f"write {lora.BASE_MODEL} beside it, e.g. {{\"model\": \"<base model>\"}}")
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in PICKLE_SUFFIXES and not allow_pickle:
