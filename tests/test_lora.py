@@ -238,3 +238,17 @@ def test_a_lora_folder_without_its_base_model_is_one_line(lora_run, tmp_path):
     (tmp_path / BASE_MODEL).write_text(json.dumps({"model": str(lora_run.root / "missing")}))
     with pytest.raises(UserError, match="its base model cannot be loaded"):
         resolve_model(str(tmp_path))
+
+
+def test_under_mixed_precision_the_frozen_base_is_stored_in_half_and_the_adapters_in_fp32(tiny_model, instance_dir,
+                                                                                           tmp_path):
+    from dreambooth.models import load_components
+    from dreambooth.train import make_accelerator, prepare_models
+
+    config = lora_config(tiny_model, instance_dir, tmp_path / "run", mixed_precision="bf16")
+    components = load_components(str(tiny_model))
+    trained = prepare_models(components, config, make_accelerator(config))
+    for name, module in trained.items():
+        learning = {p.dtype for p in module.parameters() if p.requires_grad}
+        frozen = {p.dtype for p in module.parameters() if not p.requires_grad}
+        assert (learning, frozen) == ({torch.float32}, {torch.bfloat16}), name

@@ -118,8 +118,7 @@ def apply_lora(pipeline, folder: Path, scale: float = 1.0) -> None:
     scale 0 is the base model, 1 the trained one.
     """
     pipeline.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS, adapter_name=ADAPTER_NAME)
-    if scale != 1.0:
-        pipeline.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
+    pipeline.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
     if (folder / EMBEDDINGS).is_file():
         from safetensors.torch import load_file
 
