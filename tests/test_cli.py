@@ -68,6 +68,8 @@ def bad_inputs(tmp_path: Path, tiny_model: Path, instance_dir: Path) -> list[tup
         (base + ["--instance-dir", str(instance_dir), "--output", str(other_run)], "--resume"),
         (good + ["--max-train-steps", "many"], "invalid int value"),
         (good + ["--validation-steps", "5"], "--validation-steps is now --validation-sampling-steps"),
+        (good + ["--lora-rank", "0"], "--lora-rank 0: must be greater than 0"),
+        (good + ["--lora-alpha", "4"], "--lora-alpha needs --lora-rank"),
         (["generate", "--model", str(tiny_model), "--prompt", "p", "--output", str(tmp_path / "g"),
           "--scheduler", "fast"], "--scheduler"),
         (["demo", "--num-seeds", "0", "--output", str(tmp_path / "d")], "--num-seeds 0"),
