@@ -78,3 +78,10 @@ def test_families_we_cannot_train_are_named_with_those_we_can(tmp_path, class_na
 def test_sdxl_folder_is_told_apart(tiny_sdxl_model):
     assert resolve_model(str(tiny_sdxl_model)).family == "sdxl"
     assert load_components(str(tiny_sdxl_model)).text_encoder_2 is not None
+
+
+def test_a_swapped_in_vae_takes_the_pipelines_dtype(tiny_model):
+    from dreambooth.models import load_pipeline
+
+    pipeline = load_pipeline(str(tiny_model), vae=str(tiny_model / "vae"), torch_dtype=torch.bfloat16)
+    assert pipeline.vae.dtype == pipeline.unet.dtype == torch.bfloat16

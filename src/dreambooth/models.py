@@ -141,7 +141,8 @@ def load_pipeline(
     pipeline_class = _pipeline_class(source.family)
     kwargs: dict[str, Any] = dict(component_overrides)
     if vae:
-        kwargs["vae"] = load_vae(vae, source)
+        # Components passed in are not cast by from_pretrained: the VAE is loaded in the pipeline's dtype.
+        kwargs["vae"] = load_vae(vae, source, torch_dtype or torch.float32)
     if torch_dtype is not None:
         kwargs[_dtype_keyword()] = torch_dtype
     try:
@@ -161,14 +162,14 @@ def load_pipeline(
         raise UserError(_load_failure(source, error)) from error
 
 
-def load_vae(vae: str, source: ModelSource):
+def load_vae(vae: str, source: ModelSource, dtype: torch.dtype = torch.float32):
     """A replacement VAE: a folder or hub id holding an AutoencoderKL, or a pipeline with a `vae/` subfolder."""
     from diffusers import AutoencoderKL
 
     path = Path(vae).expanduser()
     subfolder = "vae" if (path / "vae" / "config.json").is_file() or (path / "model_index.json").is_file() else None
     try:
-        model = AutoencoderKL.from_pretrained(vae, subfolder=subfolder)
+        model = AutoencoderKL.from_pretrained(vae, subfolder=subfolder, **{_dtype_keyword(): dtype})
     except (OSError, ValueError, EnvironmentError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"--vae {vae}: not a VAE this model can use ({first_line})") from error
