@@ -169,7 +169,8 @@ def check_first_step(run: Path, hand: HandStep, config: TrainConfig, seen: Obser
 
 def check_pixels(run, hand, config, seen) -> None:
     check_first_step(run, hand, config, seen)
-    assert torch.allclose(seen.vae_inputs[0], hand.pixels, atol=1e-6)  # exactly the crops and flips by hand
+    # Exactly the crops and flips by hand (one batch, or with the cache one image at a time).
+    assert torch.allclose(torch.cat(seen.vae_inputs)[: len(hand.pixels)], hand.pixels, atol=1e-6)
 
 
 def check_learning_rate_schedule(run, hand, config, seen) -> None:
@@ -290,6 +291,7 @@ ROWS = {  # row -> (model fixture, settings, check)
     "lora_rank, lora_alpha": ("tiny_model", {"lora_rank": 3, "lora_alpha": 6.0, "learning_rate": 1e-3,
                                              "train_text_encoder": True, "train_batch_size": 2}, check_lora),
     "lora_rank, v_prediction": ("tiny_vpred_model", {"lora_rank": 2, "train_batch_size": 2}, check_lora),
+    "cache off": ("tiny_model", {"cache": False, "center_crop": True}, check_pixels),
     "mixed_precision bf16": ("tiny_model", {"mixed_precision": "bf16"}, check_bf16),
     "gradient_checkpointing": ("tiny_model", {"gradient_checkpointing": True, "train_text_encoder": True},
                                check_gradient_checkpointing),

@@ -142,6 +142,9 @@ class TrainConfig:
     adam_weight_decay: float = option(1e-2, "AdamW weight decay.", non_negative=True)
     mixed_precision: str = option("no", "Mixed precision for the forward pass.", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = option(False, "Trade compute for memory in the UNet (and text encoder).")
+    cache: bool = option(
+        True, "Encode each distinct image crop and prompt once and reuse it (the VAE and a frozen text encoder "
+              "give the same answer every time); --no-cache encodes every step, as common trainers do.")
     center_crop: bool = option(False, "Crop the centre after resizing (default: a random crop).")
     random_flip: bool = option(False, "Flip images horizontally at random.")
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this (0 turns clipping off).", non_negative=True)

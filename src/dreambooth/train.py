@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dreambooth import __version__, lora, seeds
+from dreambooth.caches import CachedTextEncoder, CachedVAE
 from dreambooth.artifacts import write_loss_plot, write_model_card
 from dreambooth.checkpoints import (RunPaths, claim_run_folder, load_latest_checkpoint, save_checkpoint,
                                     save_only_trainable_weights, truncate_metrics)
@@ -85,6 +86,7 @@ def train(config: TrainConfig) -> RunPaths:
     for name, module in zip(trained, prepared):
         setattr(components, name, module)
     optimizer, lr_schedule = prepared[-2], prepared[-1]
+    step_models = cached_encoders(components, config)
 
     # 5. Record the settings, or resume from the newest checkpoint.
     start_step, seconds_before = 0, 0.0
@@ -105,7 +107,7 @@ def train(config: TrainConfig) -> RunPaths:
     progress = tqdm(initial=start_step, total=config.max_train_steps, desc="train", unit="step",
                     disable=not accelerator.is_local_main_process)
     for step in range(start_step + 1, config.max_train_steps + 1):
-        result = train_step(step, components, trained, data, optimizer, lr_schedule, accelerator, config)
+        result = train_step(step, step_models, trained, data, optimizer, lr_schedule, accelerator, config)
         seconds = seconds_before + time.monotonic() - started
         if accelerator.is_main_process:
             append_jsonl(paths.metrics, metrics_record(step, result, seconds))
@@ -187,6 +189,18 @@ def add_lora(module: torch.nn.Module, name: str, config: TrainConfig, seed: int,
         table = module.get_input_embeddings().weight
         table.data = table.data.float()
         table.requires_grad_(True)
+
+
+def cached_encoders(components: Components, config: TrainConfig) -> Components:
+    """The models the step computes with: the VAE and the frozen text encoders behind caches (unless
+    --no-cache), everything else as it is. Validation and saving keep using `components` itself."""
+    if not config.cache:
+        return components
+    replaced: dict[str, Any] = {"vae": CachedVAE(components.vae)}
+    if not config.train_text_encoder:
+        replaced.update({name: CachedTextEncoder(getattr(components, name)) for name in TEXT_ENCODERS
+                         if getattr(components, name) is not None})
+    return dataclasses.replace(components, **replaced)
 
 
 def enable_gradient_checkpointing(module: torch.nn.Module) -> None:
