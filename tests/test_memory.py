@@ -248,3 +248,14 @@ def test_a_bare_single_file_is_estimated_with_its_familys_reference_configs(tmp_
     estimate = estimate_for_config(config)
     assert estimate.parameters == SD15_PARAMETERS and estimate.resolution == 512
     assert any("Architecture assumed: SD 1.5" in line for line in estimate.lines())
+
+
+def test_train_estimate_memory_prints_the_estimate_and_writes_nothing(tiny_model, instance_dir, tmp_path, capsys):
+    from dreambooth.cli import main
+
+    output = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model), "--instance-dir", str(instance_dir), "--instance-prompt",
+                 "a photo of miru cat", "--output", str(output), "--lora-rank", "4", "--estimate-memory"]) == 0
+    printed = capsys.readouterr().out
+    assert "Memory estimate at 32 px" in printed and "cached latents (3 images)" in printed and "Not counted" in printed
+    assert not output.exists()

@@ -39,6 +39,11 @@ def run_class_images(config: ClassImagesConfig) -> None:
 
 
 def run_train(config: TrainConfig) -> None:
+    if config.estimate_memory:
+        from dreambooth.memory import estimate_run
+
+        print(estimate_run(config).format())
+        return
     from dreambooth.train import train
 
     paths = train(config)

@@ -152,6 +152,18 @@ def estimate_for_config(config: TrainConfig, source: ModelSource | None = None, 
         gradient_checkpointing=config.gradient_checkpointing)
 
 
+def estimate_run(config: TrainConfig) -> MemoryEstimate:
+    """What `dreambooth train --estimate-memory` prints: the run's settings, its instance images and (with
+    prior preservation) class images counted as cached latents unless --no-cache."""
+    from dreambooth.data import list_images
+
+    images = 0
+    if config.cache:
+        images = len(list_images(config.instance_dir, "--instance-dir"))
+        images += config.num_class_images if config.with_prior_preservation else 0
+    return estimate_for_config(config, cached_images=images)
+
+
 def empty_models(where: str) -> dict[str, torch.nn.Module]:
     """The pipeline's UNet, VAE and text encoders built from their configs, with meta tensors (no memory)."""
     import diffusers
