@@ -173,6 +173,16 @@ def check_pixels(run, hand, config, seen) -> None:
     assert torch.allclose(torch.cat(seen.vae_inputs)[: len(hand.pixels)], hand.pixels, atol=1e-6)
 
 
+def check_cache(run, hand, config, seen) -> None:
+    """With the cache (the default), the VAE encodes each distinct image once, one at a time, before the first
+    step, and the losses are the hand's (each image encoded alone: equal up to float rounding)."""
+    first = recorded(run)[0]
+    assert first["loss"] == pytest.approx(hand.loss, rel=1e-5)
+    assert [len(inputs) for inputs in seen.vae_inputs] == [1, 1, 1]  # 3 photos, 3 steps of 3: 3 encodes
+    encoded = torch.cat(seen.vae_inputs)
+    assert all(any(torch.allclose(image, other, atol=1e-6) for other in encoded) for image in hand.pixels)
+
+
 def check_learning_rate_schedule(run, hand, config, seen) -> None:
     """The rate applied at step s (s = 0, 1, ...) is lr * factor(s): warm-up s / w, then the schedule's decay."""
     total, warmup = config.max_train_steps, config.lr_warmup_steps
@@ -265,8 +275,10 @@ ROWS = {  # row -> (model fixture, settings, check)
     "train_batch_size": ("tiny_model", {"train_batch_size": 2}, check_first_step),
     "gradient_accumulation_steps": ("tiny_model", {"gradient_accumulation_steps": 2, "max_train_steps": 2,
                                                    "class_prompt": CLASS_PROMPT}, check_first_step),
-    "center_crop": ("tiny_model", {"center_crop": True, "train_batch_size": 3}, check_pixels),
-    "random_flip": ("tiny_model", {"random_flip": True, "train_batch_size": 3}, check_pixels),
+    # The crop rows watch the VAE receive each batch, so they train without the cache (it encodes each image
+    # once, up front); the cache row checks that.
+    "center_crop": ("tiny_model", {"center_crop": True, "train_batch_size": 3, "cache": False}, check_pixels),
+    "random_flip": ("tiny_model", {"random_flip": True, "train_batch_size": 3, "cache": False}, check_pixels),
     "prior_loss_weight": ("tiny_model", {"class_prompt": CLASS_PROMPT, "prior_loss_weight": 0.4}, check_first_step),
     "num_class_images": ("tiny_model", {"class_prompt": CLASS_PROMPT, "num_class_images": 2, "train_batch_size": 3},
                          check_first_step),
@@ -291,7 +303,7 @@ ROWS = {  # row -> (model fixture, settings, check)
     "lora_rank, lora_alpha": ("tiny_model", {"lora_rank": 3, "lora_alpha": 6.0, "learning_rate": 1e-3,
                                              "train_text_encoder": True, "train_batch_size": 2}, check_lora),
     "lora_rank, v_prediction": ("tiny_vpred_model", {"lora_rank": 2, "train_batch_size": 2}, check_lora),
-    "cache off": ("tiny_model", {"cache": False, "center_crop": True}, check_pixels),
+    "cache": ("tiny_model", {"center_crop": True, "train_batch_size": 3, "max_train_steps": 3}, check_cache),
     "mixed_precision bf16": ("tiny_model", {"mixed_precision": "bf16"}, check_bf16),
     "gradient_checkpointing": ("tiny_model", {"gradient_checkpointing": True, "train_text_encoder": True},
                                check_gradient_checkpointing),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,11 @@ class CachedVAE:
 
     def __getattr__(self, name: str) -> Any:  # config, device, dtype, ...: the VAE's
         return getattr(self.vae, name)
+
+    def fill(self, images: Iterable[torch.Tensor]) -> None:
+        """Encode these images now (each alone, as a step would), so the steps find them all cached."""
+        for image in images:
+            self.encode(image[None].to(device=self.vae.device, dtype=self.vae.dtype))
 
     def encode(self, pixel_values: torch.Tensor) -> EncodeOutput:
         means, stds = [], []

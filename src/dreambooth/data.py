@@ -6,6 +6,8 @@ decoded once, up front, so a broken file stops the run before any GPU time is sp
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -241,6 +243,11 @@ class DreamBoothData:
         return len(self.instance)
 
     @property
+    def num_images(self) -> int:
+        """Distinct images a batch can hold when every image has one crop (see every_image)."""
+        return (self.num_instance + self.num_class) * (2 if self.random_flip else 1)
+
+    @property
     def num_class(self) -> int:
         return len(self.classes) if self.classes is not None else 0
 
@@ -260,6 +267,18 @@ class DreamBoothData:
         pixels = _crop_to_tensor(image, box, flip) / 127.5 - 1.0
         cut_mask = _crop_to_tensor(mask, box, flip) / 255.0 if mask is not None else None
         return pixels, cut_mask, crop_top_left(image.size, box, flip)
+
+    def every_image(self) -> Iterator[torch.Tensor] | None:
+        """Every distinct image a batch can hold, in [-1, 1], when they are few: one crop per image (centre
+        crops, or photos already square at the resolution), both flips with random_flip. None when random
+        crops of larger photos make them many (a cache then fills as the batches come)."""
+        images = self._instance_images + self._class_images
+        square = (self.resolution, self.resolution)
+        if not self.center_crop and any(image.size != square for image in images):
+            return None
+        flips = (False, True) if self.random_flip else (False,)
+        return (_crop_to_tensor(image, crop_box(image.size, self.resolution, True, None), flip) / 127.5 - 1.0
+                for image in images for flip in flips)
 
     def batch(self, sample_ids: list[int]) -> dict:
         """Instance examples for `sample_ids`, then (with class images) class examples for the same ids.

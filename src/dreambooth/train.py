@@ -87,6 +87,10 @@ def train(config: TrainConfig) -> RunPaths:
         setattr(components, name, module)
     optimizer, lr_schedule = prepared[-2], prepared[-1]
     step_models = cached_encoders(components, config)
+    if config.cache and (images := data.every_image()) is not None:
+        # Encoded up front, one at a time: the steps then never wait for the VAE.
+        step_models.vae.fill(tqdm(images, desc="encoding images", unit="img", total=data.num_images,
+                                  disable=not accelerator.is_local_main_process))
 
     # 5. Record the settings, or resume from the newest checkpoint.
     start_step, seconds_before = 0, 0.0
