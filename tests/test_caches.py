@@ -99,3 +99,26 @@ def test_training_with_the_caches_is_training_without_them(tiny_model, instance_
     for cached, plain in zip(runs[True], runs[False]):
         assert cached["loss"] == pytest.approx(plain["loss"], rel=1e-5)
     assert encodes[-1] == 3  # 8 images shown over 4 steps, 3 distinct crops (centre, no flip): 3 encodes
+
+
+def test_every_image_is_listed_only_when_each_has_one_crop(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from dreambooth.data import DreamBoothData, load_examples, to_tensor
+
+    from conftest import write_images
+
+    write_images(tmp_path / "square", 2, size=TINY_RESOLUTION + 8)  # square: one crop once resized
+    (tmp_path / "wide").mkdir()
+    for index in range(2):
+        pixels = np.random.default_rng(index).integers(0, 256, (TINY_RESOLUTION, TINY_RESOLUTION + 12, 3))
+        Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "wide" / f"wide{index}.png")
+    square = load_examples(tmp_path / "square", "p", "--instance-dir")
+    wide = load_examples(tmp_path / "wide", "p", "--instance-dir")
+    flipped = list(DreamBoothData(square, None, TINY_RESOLUTION, False, True, 0).every_image())
+    assert len(flipped) == 4 and torch.equal(flipped[1], flipped[0].flip(-1))  # both flips of each photo
+    assert DreamBoothData(wide, None, TINY_RESOLUTION, False, False, 0).every_image() is None  # 13 crops each
+    centred = list(DreamBoothData(wide, square, TINY_RESOLUTION, True, False, 0).every_image())
+    expected = to_tensor(wide[0].image, TINY_RESOLUTION, center_crop=True, flip=False, generator=None)
+    assert len(centred) == 4 and torch.equal(centred[0], expected)
