@@ -10,7 +10,8 @@ encoder frozen):
   and at these shapes the VAE encode is a share of the step like SD 1.5's at 512 px.
 Each configuration trains in its own process, so its peak resident memory is its own. A step's time is the
 difference of consecutive `seconds` in metrics.jsonl; the table shows medians after two warm-up steps, and
-ratios taken within this one run (machines are noisy: compare ratios, not times across runs).
+ratios taken within this one run (machines are noisy: compare ratios, not times across runs). Each configuration
+runs `--repeats` times, alternating with the other; the wall time includes the cache's up-front encoding.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -84,12 +86,23 @@ def train_one(model: str, resolution: int, cache: bool, steps: int, root: Path) 
         class_dir=str(root / "classes"), class_prompt="a photo of a cat", num_class_images=10,
         output=str(root / f"run-{cache}"), resolution=resolution, max_train_steps=steps, learning_rate=1e-4,
         center_crop=True, cache=cache, seed=0)
+    started = time.perf_counter()
     paths = train(config)
+    wall = time.perf_counter() - started  # everything train does, the cache's up-front encoding included
     records = [json.loads(line) for line in paths.metrics.read_text().splitlines()]
     seconds = [record["seconds"] for record in records]
     step_times = [later - earlier for earlier, later in zip(seconds, seconds[1:])][2:]
-    return {"median_step_seconds": statistics.median(step_times), "losses": [r["loss"] for r in records],
+    return {"median_step_seconds": statistics.median(step_times), "wall_seconds": wall,
+            "losses": [r["loss"] for r in records],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def combine(runs: list[dict]) -> dict:
+    """Repeated runs of one configuration: medians of their times, the highest peak, the first run's losses
+    (every run of a configuration computes the same numbers)."""
+    return {"median_step_seconds": statistics.median(run["median_step_seconds"] for run in runs),
+            "wall_seconds": statistics.median(run["wall_seconds"] for run in runs),
+            "peak_rss_mb": max(run["peak_rss_mb"] for run in runs), "losses": runs[0]["losses"], "runs": len(runs)}
 
 
 def run_configuration(name: str, cache: bool, steps: int, threads: int, root: Path) -> dict:
@@ -103,6 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration, alternating")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--quick", action="store_true", help="4 steps of the miniature world only (CI)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -121,6 +135,7 @@ def main() -> None:
 
     names = ["miniworld"] if args.quick else list(MODELS)
     steps = 4 if args.quick else args.steps
+    args.repeats = 1 if args.quick else args.repeats
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -135,16 +150,19 @@ def main() -> None:
                     target.mkdir(parents=True, exist_ok=True)
                     for image in (root / folder).iterdir():
                         (target / image.name).write_bytes(image.read_bytes())
-            results[name] = {cache: run_configuration(name, cache, steps, args.threads, root)
-                             for cache in (False, True)}
+            # The configurations alternate (A B A B ...), so a machine that slows down over the run slows both.
+            rounds = [{cache: run_configuration(name, cache, steps, args.threads, root) for cache in (False, True)}
+                      for _ in range(args.repeats)]
+            results[name] = {cache: combine([one[cache] for one in rounds]) for cache in (False, True)}
 
-    print(f"{'model':<11} {'no-cache ms/step':>17} {'cache ms/step':>14} {'speed-up':>9} "
+    print(f"{'model':<11} {'no-cache ms/step':>17} {'cache ms/step':>14} {'speed-up':>9} {'wall s (no / cache)':>20} "
           f"{'no-cache peak MB':>17} {'cache peak MB':>14} {'loss gap':>9}")
     for name, runs in results.items():
         plain, cached = runs[False], runs[True]
         gap = max(abs(a - b) / abs(b) for a, b in zip(cached["losses"], plain["losses"]))
+        walls = f"{plain['wall_seconds']:.1f} / {cached['wall_seconds']:.1f}"
         print(f"{name:<11} {plain['median_step_seconds'] * 1e3:>17.1f} {cached['median_step_seconds'] * 1e3:>14.1f} "
-              f"{plain['median_step_seconds'] / cached['median_step_seconds']:>8.2f}x "
+              f"{plain['median_step_seconds'] / cached['median_step_seconds']:>8.2f}x {walls:>20} "
               f"{plain['peak_rss_mb']:>17.0f} {cached['peak_rss_mb']:>14.0f} {gap:>9.1e}")
     if args.json:
         Path(args.json).write_text(json.dumps({name: {str(k): v for k, v in runs.items()}

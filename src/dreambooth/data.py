@@ -7,7 +7,6 @@ decoded once, up front, so a broken file stops the run before any GPU time is sp
 from __future__ import annotations
 
 from collections.abc import Iterator
-
 from dataclasses import dataclass, replace
 from pathlib import Path
 

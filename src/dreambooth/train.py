@@ -16,8 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dreambooth import __version__, lora, seeds
-from dreambooth.caches import CachedTextEncoder, CachedVAE
 from dreambooth.artifacts import write_loss_plot, write_model_card
+from dreambooth.caches import CachedTextEncoder, CachedVAE
 from dreambooth.checkpoints import (RunPaths, claim_run_folder, load_latest_checkpoint, save_checkpoint,
                                     save_only_trainable_weights, truncate_metrics)
 from dreambooth.class_images import top_up_class_images
