@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -84,8 +85,8 @@ def train_one(model: str, resolution: int, cache: bool, steps: int, root: Path) 
     config = TrainConfig(
         model=model, instance_dir=str(root / "instance"), instance_prompt="a photo of miru cat",
         class_dir=str(root / "classes"), class_prompt="a photo of a cat", num_class_images=10,
-        output=str(root / f"run-{cache}"), resolution=resolution, max_train_steps=steps, learning_rate=1e-4,
-        center_crop=True, cache=cache, seed=0)
+        output=str(root / f"run-{cache}-{os.getpid()}"), resolution=resolution, max_train_steps=steps,
+        learning_rate=1e-4, center_crop=True, cache=cache, seed=0)
     started = time.perf_counter()
     paths = train(config)
     wall = time.perf_counter() - started  # everything train does, the cache's up-front encoding included
