@@ -42,7 +42,7 @@ class RunPaths:
         return self.root / "pipeline"
 
     def pipeline_at(self, step: int) -> Path:
-        """A pipeline saved at an intermediate step (`save_pipeline_at`)."""
+        """The trained weights saved at an intermediate step (`save_pipeline_at`): a pipeline, or a LoRA folder."""
         return self.root / "pipelines" / f"step-{step:06d}"
 
     @property
@@ -53,10 +53,6 @@ class RunPaths:
     def final_model(self) -> Path:
         """The trained weights at the end of the run: the LoRA folder of a LoRA run, else the pipeline."""
         return self.lora if lora.is_lora_folder(self.lora) else self.pipeline
-
-    def model_at(self, step: int) -> Path:
-        """The trained weights saved at `step` (`save_pipeline_at`): a pipeline, or a LoRA folder."""
-        return self.pipeline_at(step)
 
     @property
     def metrics(self) -> Path:

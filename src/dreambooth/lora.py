@@ -47,7 +47,7 @@ def target_modules(module: torch.nn.Module, targets: str, part: str) -> list[str
 
 def add_adapters(module: torch.nn.Module, part: str, rank: int, alpha: float, dropout: float, targets: str,
                  seed: int) -> None:
-    """Freeze `module` and give it fresh trainable LoRA adapters (A random from `seed`, B zero, so the
+    """Give `module` fresh trainable LoRA adapters, its own weights frozen (A random from `seed`, B zero, so the
     model starts exactly where the base model is)."""
     from peft import LoraConfig
 
@@ -87,7 +87,7 @@ def save_lora(folder: Path, pipeline_class: type, modules: dict[str, torch.nn.Mo
 
     layers: dict[str, Any] = {}
     for part, module in modules.items():
-        config = adapter_config(module) if module is not None else None
+        config = adapter_config(module)
         if config is None:
             continue
         layers[f"{part}_lora_layers"] = lora_state_dict(module)

@@ -197,7 +197,7 @@ def run_each(sweep: Sweep, runs: dict[str, list[Trial]], directory: Path) -> Non
         clock.done(max(steps), run_paths)
         mark(run_trials, "trained", None, directory)
         for trial in run_trials:
-            pipeline = run_paths.final_model if trial.step == max(steps) else run_paths.model_at(trial.step)
+            pipeline = run_paths.final_model if trial.step == max(steps) else run_paths.pipeline_at(trial.step)
             print(f"sweep: sampling trial '{trial.name}'")
             sample_trial(sweep, trial, pipeline, directory)
             if sweep.evaluation.get("enabled", True) and not is_evaluated(trial, directory):
@@ -262,7 +262,7 @@ def train_run(sweep: Sweep, trial: Trial, directory: Path, steps: list[int]):
 
     config = train_config(sweep, trial, directory, steps=steps)
     paths = RunPaths(Path(config.output))
-    wanted = [paths.final_model] + [paths.model_at(step) for step in config.save_pipeline_at]
+    wanted = [paths.final_model] + [paths.pipeline_at(step) for step in config.save_pipeline_at]
     if paths.config.is_file() and all(is_trained_model(p) for p in wanted):
         finished = read_jsonl(paths.metrics)
         if finished and finished[-1]["step"] == config.max_train_steps:
