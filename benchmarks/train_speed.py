@@ -31,6 +31,9 @@ import numpy as np
 from PIL import Image
 
 SD_SHAPED_RESOLUTION = 256
+# Heads of 32 channels. SD 1.5 has 8 heads per level (of 40 to 160 channels); eight heads of 4 to 16 channels
+# would make the CPU's attention kernel, not the model's shape, the bottleneck (2.4x slower steps).
+ATTENTION_HEADS = (1, 2, 4, 4)
 MODELS = {"miniworld": 64, "sd-shaped": SD_SHAPED_RESOLUTION}
 
 
@@ -44,7 +47,8 @@ def build_sd_shaped(folder: Path) -> Path:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64, 128, 128), layers_per_block=2, cross_attention_dim=64, attention_head_dim=8,
+        block_out_channels=(32, 64, 128, 128), layers_per_block=2, cross_attention_dim=64,
+        attention_head_dim=ATTENTION_HEADS,
         norm_num_groups=32, sample_size=SD_SHAPED_RESOLUTION // 8,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
@@ -119,6 +123,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration, alternating")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="models to measure")
     parser.add_argument("--quick", action="store_true", help="4 steps of the miniature world only (CI)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True, help=argparse.SUPPRESS)
@@ -134,7 +139,7 @@ def main() -> None:
         print(json.dumps(train_one(model, MODELS[args.one], args.cache, args.steps, root / f"cache-{args.cache}")))
         return
 
-    names = ["miniworld"] if args.quick else list(MODELS)
+    names = ["miniworld"] if args.quick else args.models
     steps = 4 if args.quick else args.steps
     args.repeats = 1 if args.quick else args.repeats
     results = {}

@@ -304,12 +304,12 @@ def test_adafactor_estimate_is_the_sd1_unets_exact_figure_and_above_sdxls():
     assert per_weight["sdxl"] < 0.4 < ADAFACTOR_ESTIMATE
 
 
-def test_fused_adamw_on_cuda_only():
+def test_adamw_is_fused_on_cuda_and_cpu_only():
     model = Tiny()
-    on_cuda = make_optimizer(groups_of(model, "adamw"), OptimizerSettings("adamw"), torch.device("cuda"))
-    on_cpu = make_optimizer(groups_of(model, "adamw"), OptimizerSettings("adamw"), CPU)
-    assert [group["fused"] for group in on_cuda.param_groups] == [True, True]
-    assert [group["fused"] for group in on_cpu.param_groups] == [None, None]
+    fused = {device: [group["fused"] for group in make_optimizer(groups_of(model, "adamw"), OptimizerSettings("adamw"),
+                                                                 torch.device(device)).param_groups]
+             for device in ("cuda", "cpu", "mps")}
+    assert fused == {"cuda": [True, True], "cpu": [True, True], "mps": [None, None]}
 
 
 def one_line_error(*args) -> str:

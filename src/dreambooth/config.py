@@ -30,8 +30,11 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 LORA_TARGETS = ("attention", "attention+ff", "all-linear")
 DEFAULT_LEARNING_RATE = 5e-6  # full fine-tune (the DreamBooth paper's rate for SD)
 DEFAULT_LORA_LEARNING_RATE = 1e-4  # LoRA adapters learn from zero and need a far larger step
+PRODIGY_LEARNING_RATE = 1.0  # Prodigy finds its own step size; the rate multiplies it
 EXPORT_FORMATS = ("single-file", "kohya", "diffusers")
 EXPORT_DTYPES = ("fp16", "bf16", "fp32")
+SAVE_DTYPES = ("fp32", "fp16", "bf16")
+OPTIMIZER_NAMES = ("adamw", "adamw8bit", "adafactor", "prodigy", "lion")  # optimizers.py makes each
 
 
 # Settings that were renamed: old name -> (new name, the one line that using the old name, as a flag or a
@@ -115,7 +118,7 @@ class TrainConfig:
               "SD 1.5, 1024 for SDXL).", positive=True)
     learning_rate: float | None = option(
         None, f"UNet learning rate (default: {DEFAULT_LEARNING_RATE:g}; {DEFAULT_LORA_LEARNING_RATE:g} "
-              "with --lora-rank).", positive=True)
+              f"with --lora-rank; {PRODIGY_LEARNING_RATE:g} with --optimizer prodigy).", positive=True)
     lora_rank: int | None = option(
         None, "Train LoRA adapters of this rank instead of the whole model (a few MB; RUN/lora/).", positive=True)
     lora_alpha: float | None = option(None, "LoRA alpha: the adapters act at alpha / rank (default: the rank).",
@@ -139,12 +142,26 @@ class TrainConfig:
     identifier: str | None = option(
         None, "The word that names the subject, e.g. miru (default: the words of --instance-prompt that "
               "--class-prompt lacks).")
-    adam_weight_decay: float = option(1e-2, "AdamW weight decay.", non_negative=True)
+    optimizer: str = option(
+        "adamw", "adamw (torch's, fused), adamw8bit (bitsandbytes: a quarter of the state), adafactor, prodigy "
+                 "(finds its own step size: use --learning-rate 1.0) or lion.", choices=OPTIMIZER_NAMES)
+    adam_beta1: float | None = option(None, "The optimizer's beta1 (default: its own, 0.9 for AdamW).",
+                                      non_negative=True)
+    adam_beta2: float | None = option(None, "The optimizer's beta2 (default: its own, 0.999 for AdamW, 0.99 for Lion).",
+                                      non_negative=True)
+    adam_epsilon: float | None = option(None, "The optimizer's epsilon (default: its own, 1e-8 for AdamW).",
+                                        positive=True)
+    adam_weight_decay: float = option(1e-2, "The optimizer's (decoupled) weight decay.", non_negative=True)
     mixed_precision: str = option("no", "Mixed precision for the forward pass.", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = option(False, "Trade compute for memory in the UNet (and text encoder).")
     cache: bool = option(
         True, "Encode each distinct image crop and prompt once and reuse it (the VAE and a frozen text encoder "
               "give the same answer every time); --no-cache encodes every step, as common trainers do.")
+    compile: bool = option(False, "Compile the UNet with torch.compile (a slow first step, then faster ones; GPU).")
+    log_every: int = option(
+        10, "Read the loss from the device every N steps (every step is still recorded; fewer reads mean fewer "
+            "waits for the GPU).", positive=True)
+    save_dtype: str = option("fp32", "Precision of the saved pipeline or LoRA weights.", choices=SAVE_DTYPES)
     center_crop: bool = option(False, "Crop the centre after resizing (default: a random crop).")
     random_flip: bool = option(False, "Flip images horizontally at random.")
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this (0 turns clipping off).", non_negative=True)
@@ -174,6 +191,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         validate_fields(self)
         self._resolve_lora()
+        if self.learning_rate is None:
+            self.learning_rate = (PRODIGY_LEARNING_RATE if self.optimizer == "prodigy" else
+                                  DEFAULT_LORA_LEARNING_RATE if self.uses_lora else DEFAULT_LEARNING_RATE)
+        for name in ("adam_beta1", "adam_beta2"):
+            if (value := getattr(self, name)) is not None and value >= 1:
+                raise UserError(f"{flag_name(name)} {value}: must be below 1")
         if self.resolution is not None and self.resolution % 8:
             raise UserError(f"--resolution {self.resolution}: must be a multiple of 8 "
                             f"(e.g. {self.resolution // 8 * 8 or 8})")
@@ -198,13 +221,9 @@ class TrainConfig:
             given = [name for name in ("lora_alpha", "lora_dropout", "lora_targets") if getattr(self, name) is not None]
             if given:
                 raise UserError(f"{flag_name(given[0])} needs --lora-rank R (LoRA options apply to LoRA runs only)")
-            if self.learning_rate is None:
-                self.learning_rate = DEFAULT_LEARNING_RATE
             return
         if self.lora_dropout is not None and self.lora_dropout >= 1:
             raise UserError(f"--lora-dropout {self.lora_dropout}: must be below 1")
-        if self.learning_rate is None:
-            self.learning_rate = DEFAULT_LORA_LEARNING_RATE
         if self.lora_alpha is None:
             self.lora_alpha = float(self.lora_rank)
         if self.lora_dropout is None:
