@@ -169,5 +169,6 @@ def hand_adamw_update(hand: HandStep, config: TrainConfig) -> dict[str, dict[str
             if embeddings and config.token_embedding_learning_rate:
                 lr, decay = config.token_embedding_learning_rate, 0.0
             grad = grad * clip
-            updated[component][key] = hand.base[component][key] * (1 - lr * decay) - lr * grad / (grad.abs() + 1e-8)
+            epsilon = config.adam_epsilon or 1e-8  # AdamW's own default
+            updated[component][key] = hand.base[component][key] * (1 - lr * decay) - lr * grad / (grad.abs() + epsilon)
     return updated

@@ -12,12 +12,13 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from dreambooth.config import TrainConfig
+from dreambooth.config import OPTIMIZER_NAMES, TrainConfig
 from dreambooth.errors import UserError
 from dreambooth.train import (learning_rate_schedule, needs_checkpoint, needs_validation, sample_ids,
                               step_generator, train)
 
 from conftest import TINY_RESOLUTION, write_images
+from test_optimizers import RATES, installed, runnable
 
 
 def make_config(model: Path, instance_dir: Path, output: Path, **overrides) -> TrainConfig:
@@ -107,6 +108,24 @@ def test_resume_after_two_of_four_steps_equals_four_straight(tiny_model, instanc
     seconds = [record["seconds"] for record in records]
     assert 0 < seconds[0] < seconds[1] <= first_wall
     assert seconds[1] < seconds[2] < seconds[3] <= seconds[1] + resumed_wall
+
+
+@pytest.mark.parametrize("name", runnable(OPTIMIZER_NAMES))
+def test_every_optimizer_trains_and_resumes_exactly(name, tiny_model, instance_dir, tmp_path):
+    """The real trainer with each --optimizer: the UNet moves, and a run killed after its step-1 checkpoint
+    and resumed ends bit for bit where the uninterrupted run does (the optimizer's state is in the checkpoint)."""
+    options = dict(optimizer=name, learning_rate=RATES[name], max_train_steps=3, train_text_encoder=True,
+                   text_encoder_learning_rate=RATES[name])
+    straight = train(make_config(tiny_model, instance_dir, tmp_path / "straight", **options))
+    interrupted = make_config(tiny_model, instance_dir, tmp_path / "resumed", checkpoint_every=1, **options)
+    _train_until(interrupted, stop_after=1)
+    interrupted.resume = True
+    resumed = train(interrupted)
+    base = weights(Path(tiny_model), "unet")
+    assert max_difference(base, weights(straight.pipeline, "unet")) > 0
+    for component in ("unet", "text_encoder"):
+        assert max_difference(weights(straight.pipeline, component), weights(resumed.pipeline, component)) == 0.0
+    assert yaml.safe_load(straight.config.read_text())["optimizer"] == name
 
 
 class Crash(Exception):
@@ -208,6 +227,13 @@ def test_fp16_without_a_gpu_is_refused_before_anything_is_written(tiny_model, in
     with pytest.raises(UserError, match="--mixed-precision fp16 needs a GPU"):
         train(make_config(tiny_model, instance_dir, tmp_path / "fp16", mixed_precision="fp16"))
     assert not (tmp_path / "fp16").exists()
+
+
+@pytest.mark.skipif(installed("adamw8bit"), reason="tests the message shown when bitsandbytes is missing")
+def test_a_missing_optimizer_package_is_refused_before_anything_is_written(tiny_model, instance_dir, tmp_path):
+    with pytest.raises(UserError, match=r"--optimizer adamw8bit needs bitsandbytes \(pip install"):
+        train(make_config(tiny_model, instance_dir, tmp_path / "8bit", optimizer="adamw8bit"))
+    assert not (tmp_path / "8bit").exists()
 
 
 # Losses of the first three steps of `test_expected_losses_of_three_steps`'s run, recorded from this code

@@ -96,6 +96,8 @@ def observe():
         seen.steps.append({
             "lrs": [group["lr"] for group in optimizer.param_groups],
             "weight_decays": [group["weight_decay"] for group in optimizer.param_groups],
+            "betas": [group.get("betas") for group in optimizer.param_groups],
+            "optimizer": type(optimizer).__name__,
             "sizes": [sum(p.numel() for p in group["params"]) for group in optimizer.param_groups],
             "grad_norm": float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))),
         })
@@ -253,6 +255,26 @@ def check_lora(run, hand, config, seen) -> None:
         assert float(torch.where(clear, (adapters[key] - step).abs(), 0).max()) < 1e-3 * config.learning_rate, key
 
 
+def check_betas(run, hand, config, seen) -> None:
+    """AdamW's first step from zero state does not depend on its betas (bias correction makes m / sqrt(v) =
+    g / |g|), so the row checks that the given betas are the ones every step's groups carry."""
+    check_first_step(run, hand, config, seen)
+    assert {beta for step in seen.steps for beta in step["betas"]} == {(config.adam_beta1, config.adam_beta2)}
+
+
+def check_lion(run, hand, config, seen) -> None:
+    """Lion's first step from a zero momentum: every weight moves by lr * sign(g) (clipping keeps the sign)
+    after the decoupled decay w * (1 - lr * wd)."""
+    assert seen.steps[0]["optimizer"] == "Lion"
+    assert recorded(run)[0]["loss"] == pytest.approx(hand.loss, rel=1e-5)
+    actual = saved(run, "unet")
+    decay, rate = config.adam_weight_decay, config.learning_rate
+    for key, grad in hand.grads["unet"].items():
+        expected = hand.base["unet"][key] * (1 - rate * decay) - rate * torch.sign(grad)
+        clear = grad.abs() > 1e-6  # where the sign is not rounding noise
+        assert float(torch.where(clear, (actual[key] - expected).abs(), 0).max()) < 1e-3 * rate, key
+
+
 def check_bf16(run, hand, config, seen) -> None:
     """bf16 autocast: the UNet's layers compute in bfloat16, and the loss is the fp32 loss to bf16 precision."""
     assert torch.bfloat16 in seen.unet_layer_dtypes
@@ -304,6 +326,10 @@ ROWS = {  # row -> (model fixture, settings, check)
                                              "train_text_encoder": True, "train_batch_size": 2}, check_lora),
     "lora_rank, v_prediction": ("tiny_vpred_model", {"lora_rank": 2, "train_batch_size": 2}, check_lora),
     "cache": ("tiny_model", {"center_crop": True, "train_batch_size": 3, "max_train_steps": 3}, check_cache),
+    "adam_epsilon": ("tiny_model", {"adam_epsilon": 1e-4}, check_first_step),
+    "adam_beta1, adam_beta2": ("tiny_model", {"adam_beta1": 0.5, "adam_beta2": 0.75, "max_train_steps": 2},
+                               check_betas),
+    "optimizer": ("tiny_model", {"optimizer": "lion", "adam_weight_decay": 0.5}, check_lion),
     "mixed_precision bf16": ("tiny_model", {"mixed_precision": "bf16"}, check_bf16),
     "gradient_checkpointing": ("tiny_model", {"gradient_checkpointing": True, "train_text_encoder": True},
                                check_gradient_checkpointing),

@@ -28,6 +28,7 @@ from dreambooth.errors import UserError
 from dreambooth.files import append_jsonl, atomic_dir, atomic_write_text
 from dreambooth.models import (Components, assemble_pipeline, check_trainable, default_device, load_components,
                                load_pipeline, native_resolution, resolve_model)
+from dreambooth.optimizers import check_optimizer, make_optimizer, optimizer_settings
 from dreambooth.sampling import SamplingSetting, render, save_png
 from dreambooth.step import micro_batch_loss, step_settings
 
@@ -57,6 +58,7 @@ def train(config: TrainConfig) -> RunPaths:
     if config.resolution is None:
         config = dataclasses.replace(config, resolution=native_resolution(source))
     accelerator = make_accelerator(config)
+    check_optimizer(optimizer_settings(config), accelerator.device)
     paths = RunPaths(Path(config.output))
     settings = to_dict(config)
     if accelerator.is_main_process:
@@ -80,7 +82,7 @@ def train(config: TrainConfig) -> RunPaths:
     trained = prepare_models(components, config, accelerator)
 
     # 4. Optimizer and learning-rate schedule.
-    optimizer = torch.optim.AdamW(parameter_groups(components, config), weight_decay=config.adam_weight_decay)
+    optimizer = make_optimizer(parameter_groups(components, config), optimizer_settings(config), accelerator.device)
     lr_schedule = learning_rate_schedule(optimizer, config, accelerator.num_processes)
     prepared = accelerator.prepare(*trained.values(), optimizer, lr_schedule)
     for name, module in zip(trained, prepared):
@@ -223,7 +225,7 @@ def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def parameter_groups(components: Components, config: TrainConfig) -> list[dict[str, Any]]:
-    """One AdamW group per trained model, each with its own learning rate; with
+    """One optimizer group per trained model, each with its own learning rate; with
     --token-embedding-learning-rate, each text encoder's identifier embeddings get a group of their own."""
     groups = [{"params": trainable(components.unet), "lr": config.learning_rate}]
     if not config.train_text_encoder:
