@@ -128,6 +128,33 @@ def test_every_optimizer_trains_and_resumes_exactly(name, tiny_model, instance_d
     assert yaml.safe_load(straight.config.read_text())["optimizer"] == name
 
 
+def test_losses_are_read_every_log_every_steps_and_every_step_is_recorded(tiny_model, instance_dir, tmp_path,
+                                                                          monkeypatch):
+    import dreambooth.train as training
+
+    flushes = []
+    write_metrics = training.write_metrics
+
+    def watched(pending, *args):
+        flushes.append([step for step, _, _ in pending])
+        return write_metrics(pending, *args)
+
+    monkeypatch.setattr(training, "write_metrics", watched)
+    every_third = train(make_config(tiny_model, instance_dir, tmp_path / "third", max_train_steps=7, log_every=3,
+                                    checkpoint_every=5))
+    # Steps 3 and 6 by the interval, 5 before its checkpoint, 7 at the end.
+    assert flushes == [[1, 2, 3], [4, 5], [6], [7]]
+    flushes.clear()
+    every_step = train(make_config(tiny_model, instance_dir, tmp_path / "each", max_train_steps=7, log_every=1))
+    assert flushes == [[step] for step in range(1, 8)]
+
+    def numbers(paths):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in paths.metrics.read_text().splitlines()]
+
+    assert numbers(every_third) == numbers(every_step) and len(numbers(every_step)) == 7
+
+
 class Crash(Exception):
     pass
 

@@ -41,13 +41,13 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # SD has the first only
 
 @dataclass
 class StepResult:
-    """What one optimizer step reports."""
+    """What one optimizer step reports: 0-dim tensors on the device, read (`float`) only when written."""
 
-    loss: float
-    instance_loss: float
-    prior_loss: float | None
+    loss: torch.Tensor
+    instance_loss: torch.Tensor
+    prior_loss: torch.Tensor | None
     lr: float  # the UNet's learning rate in this step
-    grad_norm: float | None  # before clipping; None if no micro-batch synchronised the gradients
+    grad_norm: torch.Tensor | None  # before clipping; None if no micro-batch synchronised the gradients
 
 
 def train(config: TrainConfig) -> RunPaths:
@@ -108,22 +108,28 @@ def train(config: TrainConfig) -> RunPaths:
     if start_step >= config.max_train_steps:
         print(f"{paths.root} already reached step {start_step}; nothing to train")
 
-    # 6. The loop: encode -> noise -> predict -> loss -> step.
+    # 6. The loop: encode -> noise -> predict -> loss -> step. The losses stay on the device until a flush
+    #    (every --log-every steps, and before anything that must see every step recorded), so the GPU never
+    #    waits for the host in between.
     started = time.monotonic()
     progress = tqdm(initial=start_step, total=config.max_train_steps, desc="train", unit="step",
                     disable=not accelerator.is_local_main_process)
+    pending: list[tuple[int, StepResult, float]] = []
     for step in range(start_step + 1, config.max_train_steps + 1):
         result = train_step(step, step_models, trained, data, optimizer, lr_schedule, accelerator, config)
-        seconds = seconds_before + time.monotonic() - started
-        if accelerator.is_main_process:
-            append_jsonl(paths.metrics, metrics_record(step, result, seconds))
+        pending.append((step, result, seconds_before + time.monotonic() - started))
         progress.update(1)
-        progress.set_postfix(loss=f"{result.loss:.4f}")
-        if step in config.save_pipeline_at and step < config.max_train_steps and accelerator.is_main_process:
+        checkpoint, validation = needs_checkpoint(step, config), needs_validation(step, config)
+        saves = step in config.save_pipeline_at and step < config.max_train_steps
+        if step % config.log_every == 0 or checkpoint or validation or saves or step == config.max_train_steps:
+            last_loss = write_metrics(pending, paths, accelerator)
+            progress.set_postfix(loss=f"{last_loss:.4f}")
+            pending = []
+        if saves and accelerator.is_main_process:
             save_trained(components, trained, accelerator, paths.pipeline_at(step), config)
-        if needs_checkpoint(step, config):
+        if checkpoint:
             save_checkpoint(accelerator, paths, step, config.keep_checkpoints)
-        if needs_validation(step, config):
+        if validation:
             write_validation_images(components, accelerator, paths, step, config)
     progress.close()
 
@@ -283,7 +289,7 @@ def train_step(step: int, components: Components, trained: dict[str, torch.nn.Mo
     """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean losses."""
     settings = step_settings(config)
     lr = lr_schedule.get_last_lr()[0]  # the rate this step applies (the schedule moves on after it)
-    totals = {"loss": 0.0, "instance": 0.0, "prior": 0.0}
+    totals: dict[str, Any] = {"loss": 0.0, "instance": 0.0, "prior": 0.0}
     has_prior, grad_norm = False, None
     for micro_step in range(config.gradient_accumulation_steps):
         batch = data.batch(sample_ids(step, micro_step, config, accelerator))
@@ -298,15 +304,26 @@ def train_step(step: int, components: Components, trained: dict[str, torch.nn.Mo
             optimizer.step()
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
-        totals["loss"] += accelerator.gather(parts.loss.detach()).mean().item()
-        totals["instance"] += accelerator.gather(parts.instance_loss.detach()).mean().item()
+        # Summed on the device (gather is a no-op on one process); read later, a flush at a time.
+        totals["loss"] += accelerator.gather(parts.loss.detach()).mean()
+        totals["instance"] += accelerator.gather(parts.instance_loss.detach()).mean()
         if parts.prior_loss is not None:
             has_prior = True
-            totals["prior"] += accelerator.gather(parts.prior_loss.detach()).mean().item()
+            totals["prior"] += accelerator.gather(parts.prior_loss.detach()).mean()
     count = config.gradient_accumulation_steps
     return StepResult(totals["loss"] / count, totals["instance"] / count,
-                      totals["prior"] / count if has_prior else None,
-                      lr, float(grad_norm) if grad_norm is not None else None)
+                      totals["prior"] / count if has_prior else None, lr,
+                      grad_norm.detach() if isinstance(grad_norm, torch.Tensor) else grad_norm)
+
+
+def write_metrics(pending: list[tuple[int, StepResult, float]], paths: RunPaths, accelerator) -> float:
+    """Read the pending steps' numbers off the device (one wait for the GPU), append them to metrics.jsonl
+    (main process), and return the last step's loss."""
+    records = [metrics_record(step, result, seconds) for step, result, seconds in pending]
+    if accelerator.is_main_process:
+        for record in records:
+            append_jsonl(paths.metrics, record)
+    return records[-1]["loss"]
 
 
 def needs_checkpoint(step: int, config: TrainConfig) -> bool:
@@ -321,10 +338,11 @@ def needs_validation(step: int, config: TrainConfig) -> bool:
 
 
 def metrics_record(step: int, result: StepResult, seconds: float) -> dict[str, Any]:
-    record: dict[str, Any] = {"step": step, "loss": result.loss, "instance_loss": result.instance_loss}
+    record: dict[str, Any] = {"step": step, "loss": float(result.loss), "instance_loss": float(result.instance_loss)}
     if result.prior_loss is not None:
-        record["prior_loss"] = result.prior_loss
-    record.update(lr=result.lr, grad_norm=result.grad_norm, seconds=round(seconds, 3))
+        record["prior_loss"] = float(result.prior_loss)
+    grad_norm = float(result.grad_norm) if result.grad_norm is not None else None
+    record.update(lr=result.lr, grad_norm=grad_norm, seconds=round(seconds, 3))
     return record
 
 
