@@ -224,6 +224,15 @@ def test_lora_scale_on_a_full_model_and_training_on_a_lora_run_are_refused(tiny_
     assert not (tmp_path / "again").exists()
 
 
+def test_save_dtype_writes_the_adapters_and_embedding_rows_in_it(tiny_model, instance_dir, tmp_path):
+    run = train(lora_config(tiny_model, instance_dir, tmp_path / "bf16", save_dtype="bf16", max_train_steps=1,
+                            token_embedding_learning_rate=5e-2, identifier="miru"))
+    assert {tensor.dtype for tensor in load_file(run.lora / LORA_WEIGHTS).values()} == {torch.bfloat16}
+    assert load_file(run.lora / EMBEDDINGS)["embeddings"].dtype == torch.bfloat16
+    pipeline = load_pipeline(resolve_model(str(run.root)))  # loads onto the fp32 base
+    assert pipeline.unet.dtype == torch.float32 and pixels(pipeline).std() > 0
+
+
 def test_a_lora_folder_names_its_base_model(tiny_model, lora_run):
     source = resolve_model(str(lora_run.lora))
     assert (source.location, source.lora, source.family) == (str(tiny_model), str(lora_run.lora), "sd")

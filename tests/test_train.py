@@ -84,6 +84,23 @@ def test_saved_pipeline_loads_with_plain_diffusers_and_generates(tiny_model, ins
     assert image.shape == (TINY_RESOLUTION, TINY_RESOLUTION, 3)
 
 
+def test_save_dtype_writes_half_weights_without_rounding_those_that_train_on(tiny_model, instance_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    full = train(make_config(tiny_model, instance_dir, tmp_path / "fp32", max_train_steps=2))
+    half = train(make_config(tiny_model, instance_dir, tmp_path / "fp16", max_train_steps=2, save_dtype="fp16",
+                             save_pipeline_at=[1]))
+    for component in ("unet", "text_encoder", "vae"):
+        saved = weights(half.pipeline, component)
+        assert {tensor.dtype for tensor in saved.values()} == {torch.float16}
+        assert {tensor.dtype for tensor in weights(half.pipeline_at(1), component).values()} == {torch.float16}
+        # Step 2 started from step 1's fp32 weights, not from the fp16 copy saved after step 1.
+        expected = {key: tensor.half() for key, tensor in weights(full.pipeline, component).items()}
+        assert max_difference(saved, expected) == 0.0
+    pipeline = StableDiffusionPipeline.from_pretrained(half.pipeline, torch_dtype=torch.float16)
+    assert pipeline.unet.dtype == torch.float16 and pipeline.vae.dtype == torch.float16
+
+
 def test_resume_after_two_of_four_steps_equals_four_straight(tiny_model, instance_dir, tmp_path):
     straight = train(make_config(tiny_model, instance_dir, tmp_path / "straight", max_train_steps=4,
                                  train_text_encoder=True, lr_scheduler="linear", random_flip=True))

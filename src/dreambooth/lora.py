@@ -80,9 +80,9 @@ def lora_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_lora(folder: Path, pipeline_class: type, modules: dict[str, torch.nn.Module], base_model: dict[str, Any],
-              embeddings: dict[str, torch.Tensor] | None = None) -> None:
+              embeddings: dict[str, torch.Tensor] | None = None, dtype: torch.dtype = torch.float32) -> None:
     """Write a LoRA folder: the adapters of `modules` (unet, text_encoder, text_encoder_2 where they have
-    adapters), the trained embedding rows if any, and the base model's record."""
+    adapters) and the trained embedding rows if any, in `dtype`, and the base model's record."""
     from safetensors.torch import save_file
 
     layers: dict[str, Any] = {}
@@ -90,11 +90,12 @@ def save_lora(folder: Path, pipeline_class: type, modules: dict[str, torch.nn.Mo
         config = adapter_config(module)
         if config is None:
             continue
-        layers[f"{part}_lora_layers"] = lora_state_dict(module)
+        layers[f"{part}_lora_layers"] = {key: value.to(dtype) for key, value in lora_state_dict(module).items()}
         layers[f"{part}_lora_adapter_metadata"] = config
     pipeline_class.save_lora_weights(folder, safe_serialization=True, **layers)
     if embeddings is not None:
-        save_file({name: tensor.detach().cpu().contiguous() for name, tensor in embeddings.items()},
+        save_file({name: tensor.detach().cpu().to(dtype if tensor.is_floating_point() else tensor.dtype).contiguous()
+                   for name, tensor in embeddings.items()},
                   str(folder / EMBEDDINGS))
     (folder / BASE_MODEL).write_text(json.dumps(base_model, indent=2) + "\n")
 

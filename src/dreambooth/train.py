@@ -37,6 +37,7 @@ VALIDATION_GUIDANCE = 7.5  # Stable Diffusion's usual guidance scale
 NOISE_STREAM = 4  # seeds.mix stream of the step's latents, noise and timesteps (data.py uses streams 0-3)
 LORA_STREAM = 5  # seeds.mix stream of the LoRA adapters' initial weights
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # SD has the first only
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --save-dtype
 
 
 @dataclass
@@ -382,10 +383,14 @@ def save_trained(components: Components, trained: dict[str, torch.nn.Module], ac
                  config: TrainConfig) -> None:
     """What the run trained, into `target`: a whole pipeline (diffusers format), or a LoRA folder."""
     unwrapped = {name: accelerator.unwrap_model(getattr(components, name)) for name in trained}
+    dtype = SAVE_DTYPES[config.save_dtype]
     with atomic_dir(target) as folder:
         if not config.uses_lora:
-            # The base pipeline (and --vae) loaded afresh in fp32, with the fine-tuned parts (fp32) swapped in.
-            pipeline = load_pipeline(components.source, vae=config.vae, **unwrapped)
+            # The base pipeline (and --vae) loaded afresh in the saved dtype, with the fine-tuned parts swapped in
+            # (fp32 as they train, or copies in the saved dtype: the weights that go on training are never rounded).
+            parts = unwrapped if dtype == torch.float32 else {name: saved_copy(module, dtype)
+                                                               for name, module in unwrapped.items()}
+            pipeline = load_pipeline(components.source, vae=config.vae, torch_dtype=dtype, **parts)
             pipeline.save_pretrained(folder, safe_serialization=True)
             return
         embeddings = {}
@@ -395,7 +400,20 @@ def save_trained(components: Components, trained: dict[str, torch.nn.Module], ac
                 rows = lora.trained_embeddings(unwrapped[name], identifier_rows(components, name, config))
                 embeddings.update({f"{key}{suffix}": value for key, value in rows.items()})
         lora.save_lora(folder, components.pipeline_class, unwrapped, components.source.base_record(),
-                       embeddings or None)
+                       embeddings or None, dtype)
+
+
+def saved_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A CPU copy of a trained model in `dtype`, built empty (meta device) and given converted copies of its
+    weights one tensor at a time: saving in half never holds a second copy on the GPU."""
+    model_class = type(module)
+    with torch.device("meta"):
+        # diffusers models are built from their config with from_config, transformers models by calling the class
+        copy = model_class.from_config(module.config) if hasattr(model_class, "from_config") else model_class(
+            module.config)
+    copy.load_state_dict({key: value.detach().to("cpu", dtype) for key, value in module.state_dict().items()},
+                         assign=True)
+    return copy
 
 
 def run_record(config: TrainConfig, components: Components) -> str:
