@@ -164,7 +164,7 @@ class CachedVAE(_Offloadable):
 
     def offload(self, device: torch.device | str = "cpu") -> None:
         if self.folder is not None and not self.offloaded:
-            self.fingerprint  # taken while the weights are still at home (they may be dropped)
+            _ = self.fingerprint  # taken while the weights are still at home (they may be dropped)
         super().offload(device)
 
     @property
