@@ -252,7 +252,7 @@ def test_a_lora_folder_without_its_base_model_is_one_line(lora_run, tmp_path):
 def test_under_mixed_precision_the_frozen_base_is_stored_in_half_and_the_adapters_in_fp32(tiny_model, instance_dir,
                                                                                            tmp_path):
     from dreambooth.models import load_components
-    from dreambooth.train import make_accelerator, prepare_models
+    from dreambooth.prepare import make_accelerator, prepare_models
 
     config = lora_config(tiny_model, instance_dir, tmp_path / "run", mixed_precision="bf16")
     components = load_components(str(tiny_model))

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from dreambooth.config import OPTIMIZER_NAMES, TrainConfig
 from dreambooth.errors import UserError
-from dreambooth.train import (learning_rate_schedule, needs_checkpoint, needs_validation, sample_ids,
-                              step_generator, train)
+from dreambooth.prepare import learning_rate_schedule
+from dreambooth.train import needs_checkpoint, needs_validation, sample_ids, step_generator, train
 
 from conftest import TINY_RESOLUTION, write_images
 from test_optimizers import RATES, installed, runnable
@@ -170,31 +170,6 @@ def test_losses_are_read_every_log_every_steps_and_every_step_is_recorded(tiny_m
                 for line in paths.metrics.read_text().splitlines()]
 
     assert numbers(every_third) == numbers(every_step) and len(numbers(every_step)) == 7
-
-
-@pytest.mark.parametrize("compile_unet", [False, True])
-def test_compile_compiles_the_unet_in_place_and_attention_is_fused(compile_unet, tiny_model, instance_dir, tmp_path):
-    """--compile marks the UNet's forward for torch.compile (compiling happens at its first call: minutes on a
-    CPU, so it is not run here) without renaming its weights; attention always runs on torch's fused SDPA."""
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
-    from dreambooth.models import load_components, resolve_model
-    from dreambooth.train import make_accelerator, prepare_models
-
-    config = make_config(tiny_model, instance_dir, tmp_path / "run", compile=compile_unet)
-    components = load_components(resolve_model(config.model))
-    components.unet.set_attn_processor(AttnProcessor())  # the plain processor, as an old setup might leave it
-    keys = list(components.unet.state_dict())
-    prepare_models(components, config, make_accelerator(config))
-    assert (components.unet._compiled_call_impl is not None) == compile_unet
-    assert list(components.unet.state_dict()) == keys
-    assert {type(p) for p in components.unet.attn_processors.values()} == {AttnProcessor2_0}
-
-
-def test_tf32_is_left_alone_off_a_gpu():
-    from dreambooth.train import allow_tf32
-
-    assert not allow_tf32(torch.device("cpu")) and torch.get_float32_matmul_precision() == "highest"
 
 
 class Crash(Exception):
