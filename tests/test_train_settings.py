@@ -361,7 +361,8 @@ def test_every_training_setting_has_a_row():
         "validation_prompt", "validation_every", "validation_seeds", "validation_sampling_steps",  # test_train.py
         "allow_pickle", "model_config", "vae",  # test_models.py
         "estimate_memory",  # test_memory.py: it stops before training
-        "log_every", "save_dtype", "compile",  # test_train.py: when losses are read, the saved dtype, compiling
+        "log_every", "save_dtype",  # test_train.py: when losses are read, the saved dtype
+        "compile", "latent_cache_dir",  # test_prepare.py: compiling; latents kept on disk give the same losses
         "lora_dropout", "lora_targets",  # test_lora.py (which layers; dropout changes what is learnt)
     }
     fields = {spec.name for spec in dataclasses.fields(TrainConfig)}

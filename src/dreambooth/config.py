@@ -157,6 +157,9 @@ class TrainConfig:
     cache: bool = option(
         True, "Encode each distinct image crop and prompt once and reuse it (the VAE and a frozen text encoder "
               "give the same answer every time); --no-cache encodes every step, as common trainers do.")
+    latent_cache_dir: str | None = option(
+        None, "Also keep the cached latents in this folder (one small file per image crop, under a subfolder per "
+              "VAE), e.g. one shared by runs over the same class images; default: in memory only.")
     compile: bool = option(False, "Compile the UNet with torch.compile (a slow first step, then faster ones; GPU).")
     log_every: int = option(
         10, "Read the loss from the device every N steps (every step is still recorded; fewer reads mean fewer "

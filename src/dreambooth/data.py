@@ -279,6 +279,10 @@ class DreamBoothData:
         return (_crop_to_tensor(image, crop_box(image.size, self.resolution, True, None), flip) / 127.5 - 1.0
                 for image in images for flip in flips)
 
+    def every_prompt(self) -> list[str]:
+        """Every distinct prompt a batch can hold (captions and the class prompt), in first-seen order."""
+        return list(dict.fromkeys(example.prompt for example in self.instance + (self.classes or [])))
+
     def batch(self, sample_ids: list[int]) -> dict:
         """Instance examples for `sample_ids`, then (with class images) class examples for the same ids.
         With masks, "masks" [B, 1, R, R] holds each example's mask (class examples: all ones).

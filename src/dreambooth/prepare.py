@@ -10,16 +10,19 @@ import dataclasses
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from dreambooth import lora, seeds
-from dreambooth.caches import CachedTextEncoder, CachedVAE
+from dreambooth.caches import CachedTextEncoder, CachedVAE, fill_prompts
 from dreambooth.config import TrainConfig
+from dreambooth.data import DreamBoothData
 from dreambooth.encoding import identifier_token_ids
 from dreambooth.errors import UserError
 from dreambooth.models import Components, default_device
 
 LORA_STREAM = 5  # seeds.mix stream of the LoRA adapters' initial weights
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # SD has the first only
+OFFLOAD_DEVICE = "cpu"  # where encoders whose every answer is cached wait (tests use "meta" to prove they do)
 
 
 def make_accelerator(config: TrainConfig):
@@ -115,11 +118,31 @@ def cached_encoders(components: Components, config: TrainConfig) -> Components:
     --no-cache), everything else as it is. Validation and saving keep using `components` itself."""
     if not config.cache:
         return components
-    replaced: dict[str, Any] = {"vae": CachedVAE(components.vae)}
+    replaced: dict[str, Any] = {"vae": CachedVAE(components.vae, folder=config.latent_cache_dir)}
     if not config.train_text_encoder:
         replaced.update({name: CachedTextEncoder(getattr(components, name)) for name in TEXT_ENCODERS
                          if getattr(components, name) is not None})
     return dataclasses.replace(components, **replaced)
+
+
+def fill_caches(step_models: Components, data: DreamBoothData, accelerator) -> list[CachedVAE | CachedTextEncoder]:
+    """Encode every image and prompt the run will see before step 1, where they are all known up front, and
+    move those encoders off the device (OFFLOAD_DEVICE) until something needs them again (a validation restores
+    them; a cache miss would too). Return the caches whose encoders left."""
+    filled: list[CachedVAE | CachedTextEncoder] = []
+    if isinstance(step_models.vae, CachedVAE) and (images := data.every_image()) is not None:
+        # Encoded up front, one at a time: the steps then never wait for the VAE.
+        step_models.vae.fill(tqdm(images, desc="encoding images", unit="img", total=data.num_images,
+                                  disable=not accelerator.is_local_main_process))
+        filled.append(step_models.vae)
+    encoders = [getattr(step_models, name) for name in TEXT_ENCODERS
+                if isinstance(getattr(step_models, name), CachedTextEncoder)]
+    if encoders:
+        fill_prompts(step_models, data.every_prompt(), accelerator.device)
+        filled += encoders
+    for cache in filled:
+        cache.offload(OFFLOAD_DEVICE)
+    return filled
 
 
 def enable_gradient_checkpointing(module: torch.nn.Module) -> None:

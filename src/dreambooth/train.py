@@ -26,8 +26,9 @@ from dreambooth.files import append_jsonl, atomic_dir, atomic_write_text
 from dreambooth.models import (Components, assemble_pipeline, check_trainable, load_components, load_pipeline,
                                native_resolution, resolve_model)
 from dreambooth.optimizers import check_optimizer, make_optimizer, optimizer_settings
-from dreambooth.prepare import (TEXT_ENCODERS, allow_tf32, cached_encoders, identifier_rows, learning_rate_schedule,
-                                make_accelerator, parameter_groups, prepare_models, trainable)
+from dreambooth.prepare import (OFFLOAD_DEVICE, TEXT_ENCODERS, allow_tf32, cached_encoders, fill_caches,
+                                identifier_rows, learning_rate_schedule, make_accelerator, parameter_groups,
+                                prepare_models, trainable)
 from dreambooth.sampling import SamplingSetting, render, save_png
 from dreambooth.step import micro_batch_loss, step_settings
 
@@ -88,10 +89,7 @@ def train(config: TrainConfig) -> RunPaths:
         setattr(components, name, module)
     optimizer, lr_schedule = prepared[-2], prepared[-1]
     step_models = cached_encoders(components, config)
-    if config.cache and (images := data.every_image()) is not None:
-        # Encoded up front, one at a time: the steps then never wait for the VAE.
-        step_models.vae.fill(tqdm(images, desc="encoding images", unit="img", total=data.num_images,
-                                  disable=not accelerator.is_local_main_process))
+    offloaded = fill_caches(step_models, data, accelerator)
 
     # 5. Record the settings, or resume from the newest checkpoint.
     start_step, seconds_before = 0, 0.0
@@ -129,7 +127,7 @@ def train(config: TrainConfig) -> RunPaths:
         if checkpoint:
             save_checkpoint(accelerator, paths, step, config.keep_checkpoints)
         if validation:
-            write_validation_images(components, accelerator, paths, step, config)
+            write_validation_images(components, accelerator, paths, step, config, offloaded)
     progress.close()
 
     # 7. The fine-tuned pipeline, loss curve and model card.
@@ -217,12 +215,15 @@ def metrics_record(step: int, result: StepResult, seconds: float) -> dict[str, A
     return record
 
 
-def write_validation_images(components: Components, accelerator, paths: RunPaths, step: int,
-                            config: TrainConfig) -> None:
-    """Render the validation prompts with fixed seeds into validation/step-NNNNNN/."""
+def write_validation_images(components: Components, accelerator, paths: RunPaths, step: int, config: TrainConfig,
+                            offloaded: list = ()) -> None:
+    """Render the validation prompts with fixed seeds into validation/step-NNNNNN/, with the encoders that
+    `offloaded` caches moved off the device brought back for it (and sent away again after)."""
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return
+    for cache in offloaded:
+        cache.restore()
     unwrapped = {name: accelerator.unwrap_model(getattr(components, name)) for name in ("unet",) + TEXT_ENCODERS
                  if getattr(components, name) is not None}
     view = Components(**{**components.__dict__, **unwrapped})
@@ -241,6 +242,8 @@ def write_validation_images(components: Components, accelerator, paths: RunPaths
                           "scheduler": setting.scheduler, "training_step": step})
     for name in trained_names(components, config):
         unwrapped[name].train()
+    for cache in offloaded:
+        cache.offload(OFFLOAD_DEVICE)
     accelerator.wait_for_everyone()
 
 
