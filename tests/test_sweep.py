@@ -170,6 +170,9 @@ def test_measured_sweep_shares_class_images_and_writes_metrics(tiny_model, insta
     without = yaml.safe_load((output / "runs" / "lr0.001-prior0" / "config.yaml").read_text())
     with_prior = yaml.safe_load((output / "runs" / "lr0.001-prior1" / "config.yaml").read_text())
     assert without["class_prompt"] is None and with_prior["class_dir"] == str(class_folder)
+    # The runs share one latent folder (a subfolder per VAE): the class images' latents and the photos' crops.
+    assert without["latent_cache_dir"] == with_prior["latent_cache_dir"] == str(output / "latent_cache")
+    assert len(list((output / "latent_cache").glob("*/*.safetensors"))) >= 2 + 1
     rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert sorted(row["trial"] for row in rows) == ["lr0.001-prior0-steps1", "lr0.001-prior1-steps1"]
     for row in rows:

@@ -128,6 +128,9 @@ def train_config(sweep: Sweep, trial: Trial, directory: Path, source: str = "swe
                   output=str(directory / "runs" / trial.run), resume=True)
     values.setdefault("checkpoint_every", math.gcd(*steps))
     values.setdefault("keep_checkpoints", 1)
+    if values.get("cache", True):
+        # One latent folder for every run: trials over the same photos and VAE encode each crop once in all.
+        values.setdefault("latent_cache_dir", str(directory / "latent_cache"))
     if float(values.get("prior_loss_weight", 1.0)) == 0.0:
         # A zero prior weight is training without prior preservation: skip the class images entirely.
         values.pop("class_prompt", None)
