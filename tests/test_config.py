@@ -2,8 +2,9 @@
 
 import pytest
 
-from dreambooth.config import GenerateConfig, TrainConfig, build_config, load_config_file, to_dict
+from dreambooth.config import GenerateConfig, TrainConfig
 from dreambooth.errors import UserError
+from dreambooth.options import build_config, load_config_file, to_dict
 
 REQUIRED = {"model": "m", "instance_dir": "d", "instance_prompt": "a photo of miru cat", "output": "run"}
 

@@ -16,10 +16,11 @@ from collections.abc import Callable
 from typing import Any
 
 from dreambooth import __version__
-from dreambooth.config import (RENAMED, ClassImagesConfig, EvaluateConfig, ExportConfig, GenerateConfig, ReportConfig,
-                               SweepConfig, TrainConfig, build_config, cli_fields, flag_name, load_config_file)
+from dreambooth.config import (ClassImagesConfig, EvaluateConfig, ExportConfig, GenerateConfig, ReportConfig,
+                               SweepConfig, TrainConfig)
 from dreambooth.errors import UserError
 from dreambooth.miniworld.demo import DemoConfig  # the application shell may import the demo; the core never does
+from dreambooth.options import RENAMED, build_config, cli_fields, flag_name, load_config_file
 
 USER_MISTAKE = 2
 

@@ -1,28 +1,13 @@
-"""Settings as dataclasses: one field per flag, with the help text the CLI shows.
-
-A config file (YAML or TOML) holds the same keys as the flags in snake_case; flags override the
-file; unknown keys and wrong types are errors that name the key. `to_dict` gives what a run records.
+"""Settings as dataclasses: one field per flag, with the help text the CLI shows (how a field becomes a flag
+and a config-file key lives in options.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import sys
-import types
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-import yaml
+from dataclasses import dataclass
 
 from dreambooth.errors import UserError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from dreambooth.options import flag_name, option, validate_fields
 
 SCHEDULER_NAMES = ("ddim", "ddpm", "pndm", "euler", "euler-a", "dpm++", "unipc")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -35,29 +20,6 @@ EXPORT_FORMATS = ("single-file", "kohya", "diffusers")
 EXPORT_DTYPES = ("fp16", "bf16", "fp32")
 SAVE_DTYPES = ("fp32", "fp16", "bf16")
 OPTIMIZER_NAMES = ("adamw", "adamw8bit", "adafactor", "prodigy", "lion")  # optimizers.py makes each
-
-
-# Settings that were renamed: old name -> (new name, the one line that using the old name, as a flag or a
-# config-file key, fails with).
-RENAMED = {
-    "validation_steps": ("validation_sampling_steps",
-                         "--validation-steps is now --validation-sampling-steps (sampling steps of each validation "
-                         "image); how often to render validation images is --validation-every"),
-}
-
-
-def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
-           positive: bool = False, non_negative: bool = False, cli: bool = True, positional: bool = False) -> Any:
-    """A dataclass field carrying its CLI help and simple validation rules (positional: `cmd VALUE`, not `--flag`)."""
-    metadata = {"help": help, "choices": choices, "positive": positive, "non_negative": non_negative, "cli": cli,
-                "positional": positional}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def flag_name(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 MODEL_CONFIG_HELP = ("For a single-file --model: the diffusers folder or hub id whose configs describe it (needed "
@@ -349,113 +311,3 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self)
-
-
-def validate_fields(config: Any) -> None:
-    """Check the per-field rules declared with `option` and that required fields are present."""
-    for spec in dataclasses.fields(config):
-        value = getattr(config, spec.name)
-        if value is dataclasses.MISSING or value is None and _is_required(spec):
-            raise UserError(f"missing {flag_name(spec.name)} (or `{spec.name}:` in the --config file)")
-        rules = spec.metadata
-        if value is None:
-            continue
-        values = value if isinstance(value, list) else [value]
-        for item in values:
-            if rules.get("choices") and item not in rules["choices"]:
-                raise UserError(f"{flag_name(spec.name)} {item}: choose one of {', '.join(rules['choices'])}")
-        numbers = values
-        for number in numbers:
-            if isinstance(number, bool) or not isinstance(number, (int, float)):
-                continue
-            if rules.get("positive") and number <= 0:
-                raise UserError(f"{flag_name(spec.name)} {number}: must be greater than 0")
-            if rules.get("non_negative") and number < 0:
-                raise UserError(f"{flag_name(spec.name)} {number}: must not be negative")
-
-
-def _is_required(spec: dataclasses.Field) -> bool:
-    return spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or TOML config file into a dict of settings."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--config {path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else yaml.safe_load(text)
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as error:
-        kind = "TOML" if path.suffix.lower() == ".toml" else "YAML"
-        raise UserError(f"--config {path}: not valid {kind} ({error})") from error
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"--config {path}: must hold a mapping of settings, not a {type(data).__name__}")
-    return data
-
-
-def build_config(cls: type, file_values: dict[str, Any], overrides: dict[str, Any], source: str = "--config file"):
-    """Merge defaults < file values < flag overrides into a validated `cls`."""
-    fields = {spec.name: spec for spec in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    values: dict[str, Any] = {}
-    for key, value in file_values.items():
-        name = key.replace("-", "_")
-        if name in RENAMED and RENAMED[name][0] in fields:
-            raise UserError(f"{source}: key '{key}': {RENAMED[name][1]}")
-        if name not in fields:
-            raise UserError(f"{source}: unknown key '{key}' (known keys: {', '.join(sorted(fields))})")
-        values[name] = coerce(value, hints[name], f"{source}: key '{key}'")
-    for name, value in overrides.items():
-        if value is not None:
-            values[name] = value
-    for name, spec in fields.items():
-        if name not in values and _is_required(spec):
-            values[name] = None  # validate_fields names the missing flag
-    return cls(**values)
-
-
-def coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check a config-file value against a field's type hint, converting only where lossless."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-        if value is None:
-            return None
-        return coerce(value, options[0], where)
-    if origin is list:
-        (item_hint,) = typing.get_args(hint)
-        items = value if isinstance(value, list) else [value]
-        return [coerce(item, item_hint, where) for item in items]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-6" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    type_name = getattr(hint, "__name__", str(hint))
-    raise UserError(f"{where}: expected {type_name}, got {json.dumps(value, default=str)}")
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    """The settings as plain data, ready for YAML."""
-    return dataclasses.asdict(config)
-
-
-def cli_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
-    """Fields and their resolved type hints, for building the command line."""
-    hints = typing.get_type_hints(cls)
-    return [(spec, hints[spec.name]) for spec in dataclasses.fields(cls) if spec.metadata.get("cli", True)]

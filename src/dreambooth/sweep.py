@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dreambooth.config import (ClassImagesConfig, GenerateConfig, SweepConfig, TrainConfig, build_config,
-                               class_images_config, load_config_file)
+from dreambooth.config import ClassImagesConfig, GenerateConfig, SweepConfig, TrainConfig, class_images_config
 from dreambooth.errors import UserError
 from dreambooth.files import atomic_write_text, locked, read_jsonl, write_jsonl
+from dreambooth.options import build_config, load_config_file
 from dreambooth.sweep_files import (METRIC_ROWS, SWEEP_COPY, TRIALS, fill_prompt, plain_class_prompt,
                                     read_trial_records)
 

@@ -20,12 +20,13 @@ from dreambooth.artifacts import write_loss_plot, write_model_card
 from dreambooth.checkpoints import (RunPaths, claim_run_folder, load_latest_checkpoint, save_checkpoint,
                                     save_only_trainable_weights, truncate_metrics)
 from dreambooth.class_images import top_up_class_images
-from dreambooth.config import TrainConfig, class_images_config, to_dict
+from dreambooth.config import TrainConfig, class_images_config
 from dreambooth.data import DreamBoothData, load_examples, load_masks
 from dreambooth.files import append_jsonl, atomic_dir, atomic_write_text
 from dreambooth.models import (Components, assemble_pipeline, check_trainable, load_components, load_pipeline,
                                native_resolution, resolve_model)
 from dreambooth.optimizers import check_optimizer, make_optimizer, optimizer_settings
+from dreambooth.options import to_dict
 from dreambooth.prepare import (OFFLOAD_DEVICE, TEXT_ENCODERS, allow_tf32, cached_encoders, fill_caches,
                                 identifier_rows, learning_rate_schedule, make_accelerator, parameter_groups,
                                 prepare_models, trainable)

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dreambooth.config import GenerateConfig, TrainConfig, option, validate_fields
+from dreambooth.config import GenerateConfig, TrainConfig
 from dreambooth.errors import UserError
 from dreambooth.files import MANIFEST, atomic_write_text, move_aside, read_jsonl
 from dreambooth.miniworld import weights_available
+from dreambooth.options import option, validate_fields
 
 if TYPE_CHECKING:
     from dreambooth.metrics import EmbeddingModels
