@@ -1,38 +1,61 @@
-"""The memory estimate: exact against the models as the trainer prepares them (tiny pipeline), and SD 1.5 /
-SDXL figures computed offline from their reference configs.
+"""The memory estimate: exact against the models as the trainer prepares them (tiny pipeline), activations
+traced on meta tensors equal to those measured on real ones, and SD 1.5 / SDXL figures computed offline from
+their reference configs.
 
-Figures for the README (GiB = 2^30 bytes; weights + gradients + optimizer state, no activations, no cache):
+Figures for the README (GiB = 2^30 bytes). Without activations (`total`: weights + gradients + optimizer state):
 
     SD 1.5, 512 px (UNet 859.5 M, VAE 83.7 M, CLIP-L text 123.1 M)
       full fine-tune, fp32, AdamW (8 B/param)          13.58 GiB
-      full fine-tune, fp32, 8-bit AdamW (2 B/param)     8.77 GiB
+      full fine-tune, fp32, 8-bit AdamW (2 B/param)     8.80 GiB
       full fine-tune, fp16 mixed precision, AdamW      13.19 GiB
       LoRA rank 16 (attention, 3.19 M), fp16, AdamW     2.03 GiB
     SDXL base, 1024 px (UNet 2.567 B, VAE 83.7 M, text encoders 123.1 M + 694.7 M)
       full fine-tune, fp32, AdamW                      41.62 GiB
-      full fine-tune, fp32, 8-bit AdamW                27.27 GiB
-      full fine-tune, fp16 mixed precision, 8-bit AdamW 25.59 GiB
+      full fine-tune, fp32, 8-bit AdamW                27.35 GiB
+      full fine-tune, fp16 mixed precision, 8-bit AdamW 25.67 GiB
       LoRA rank 16 (attention, 23.2 M), fp16, AdamW     6.81 GiB
     Cached latents: 4 x (res/8)^2 x 2 x 4 B per image: 0.125 MiB at 512 px, 0.5 MiB at 1024 px.
 
-AdamW's state is counted as its two moments (exp_avg, exp_avg_sq), 8 B per trained parameter. torch's per-tensor
-`step` counter is left out: a 0-dim float32 kept on the CPU (unless capturable / fused), so no GPU memory.
+8-bit AdamW is bitsandbytes' exact layout (`optimizers.optimizer_state_bytes`): 2 B per weight plus an fp32
+absmax per block of 256 for each of its two states, 8 B per weight in tensors under 4096 weights, 2 KiB of
+quantization maps (the figures were 2 B per weight flat before: 8.77, 27.27 and 25.59). AdamW's state is its
+two moments and a 4-byte step counter per tensor (on the device: the trainer's AdamW is fused).
+
+With activations (`peak`), 2 images per forward pass (1 instance + 1 class image), fp16 mixed precision:
+
+    SD 1.5, 512 px                          activations  peak   (checkpointing: activations + 1 block)
+      full fine-tune, 8-bit AdamW              2.31     12.29     0.34 + 0.17,  peak  9.13
+      LoRA rank 16, AdamW                      2.13      4.17     0.33 + 0.15,  peak  2.51
+    SDXL base, 1024 px
+      full fine-tune, 8-bit AdamW             16.09     45.90     1.23 + 0.40,  peak 27.45
+      LoRA rank 16, AdamW                     14.36     21.20     1.04 + 0.39,  peak  8.23
+
+A full fine-tune under fp16 also holds autocast's half copies of the UNet's weights (1.60 GiB for SD 1.5, 4.78
+for SDXL), until the backward pass without checkpointing; its peak counts all gradients alongside all
+activations (an upper bound).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import gc
+import math
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from dreambooth.config import TrainConfig
+from dreambooth.config import OPTIMIZER_NAMES, TrainConfig
 from dreambooth.errors import UserError
 from dreambooth.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS
-from dreambooth.memory import (GIB, empty_models, estimate_for_config, estimate_memory, mark_trained,
+from dreambooth.memory import (GIB, GpuCompute, MemoryEstimate, empty_models, estimate_for_config, estimate_memory,
+                               mark_trained, memory_switches, out_of_memory_message, trace_activations,
                                write_reference_configs)
 from dreambooth.models import load_components, native_resolution, resolve_model
-from dreambooth.train import make_accelerator, prepare_models
+from dreambooth.optimizers import OptimizerSettings, make_optimizer, optimizer_state_bytes
+from dreambooth.prepare import make_accelerator, prepare_models
 
 from conftest import TINY_RESOLUTION
 
@@ -46,7 +69,7 @@ SDXL_PARAMETERS = {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123
 
 def train_config(model: Path, **overrides) -> TrainConfig:
     return TrainConfig(model=str(model), instance_dir="x", instance_prompt="a photo of miru cat", output="o",
-                       resolution=TINY_RESOLUTION, **overrides)
+                       **{"resolution": TINY_RESOLUTION, **overrides})
 
 
 def prepared(model: Path, config: TrainConfig):
@@ -117,19 +140,41 @@ def test_weights_of_the_prepared_sdxl_models_with_two_text_encoders(tiny_sdxl_mo
 def test_adamw_state_after_one_step_is_the_estimated_one(tiny_model, case):
     config = train_config(tiny_model, **TINY_CASES[case])
     trained = [p for p in parameters(prepared(tiny_model, config)) if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained)
+    # As the trainer makes it: fused, so each tensor's step counter is a tensor on the device too.
+    optimizer = make_optimizer([{"params": trained, "lr": 1e-3}], OptimizerSettings("adamw"), torch.device("cpu"))
     sum(p.float().square().sum() for p in trained).backward()
     optimizer.step()
     states = [tensor for state in optimizer.state.values() for tensor in state.values()]
     assert len(optimizer.state) == len(trained)
     assert all(state["step"].dim() == 0 and state["step"].device.type == "cpu" for state in optimizer.state.values())
     moments = sum(tensor.nbytes for tensor in states if tensor.dim() > 0)
-    assert estimate_for_config(config).optimizer_state == moments
+    assert moments == 8 * sum(p.numel() for p in trained)
+    assert estimate_for_config(config).optimizer_state == moments + 4 * len(trained)
     assert estimate_for_config(config).gradients == sum(p.grad.nbytes for p in trained)
-    # A per-tensor rule (here: 8-bit moments, with 4 B of scale per tensor) sums over the trained tensors' shapes.
-    rule = estimate_for_config(config, optimizer_state_bytes_per_param=lambda shape: 2 * shape.numel() + 4)
-    assert rule.optimizer_state == sum(2 * p.numel() + 4 for p in trained)
-    assert estimate_for_config(config, optimizer_state_bytes_per_param=2.0).optimizer_state == moments // 4
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_the_estimate_keeps_the_state_of_the_runs_optimizer(tiny_model, name):
+    """Whatever --optimizer says, from the shapes of the parameters the prepared run trains (the optimizers'
+    own tests prove optimizer_state_bytes equals their real state after a step). Shapes only: Prodigy keeps
+    one element, not a copy, for a tensor that is all zeros at the first step (LoRA's B), which they cannot tell."""
+    config = train_config(tiny_model, optimizer=name, train_text_encoder=True, lora_rank=4, adam_beta1=0.9)
+    shapes = [torch.empty_like(p, device="meta") for p in parameters(prepared(tiny_model, config)) if p.requires_grad]
+    estimate = estimate_for_config(config)
+    assert estimate.optimizer_state == optimizer_state_bytes(OptimizerSettings(name, beta1=0.9), shapes)
+    assert estimate.optimizer == name and f"optimizer state ({name})" in estimate.format()
+    assert f"optimizer {name}," in estimate.lines()[0]
+
+
+def test_adamw8bit_keeps_about_a_quarter_of_adamws_state_at_sd15_size(reference):
+    """bitsandbytes' 2 B per weight (+ an fp32 absmax per 256) against AdamW's 8: a quarter and a bit, full or LoRA
+    (LoRA's adapters are matrices of 4096 weights and more at rank 16: every one is quantized)."""
+    sd15 = resolve_model(str(reference["sd15"]))
+    for lora in ({}, {"lora_rank": 16}):
+        adamw, eight_bit = (estimate_for_config(train_config(reference["sd15"], optimizer=name, resolution=256, **lora),
+                                                sd15) for name in ("adamw", "adamw8bit"))
+        assert 0.25 < eight_bit.optimizer_state / adamw.optimizer_state < 0.255
+        assert adamw.total - eight_bit.total == adamw.optimizer_state - eight_bit.optimizer_state
 
 
 def test_cached_latents_are_counted_per_image_from_the_vae_config(tiny_model):
@@ -150,10 +195,14 @@ def test_the_resolution_defaults_to_the_models_native_one(tiny_model):
 def test_the_table_names_what_it_leaves_out(tiny_model):
     plain = estimate_for_config(train_config(tiny_model)).format()
     half = estimate_for_config(train_config(tiny_model, mixed_precision="bf16", gradient_checkpointing=True))
-    assert "total" in plain and "GiB" in plain and "Not counted: activations" in plain and "CUDA context" in plain
-    assert "checkpointing is off" in plain and "autocast" not in plain
-    assert "checkpointing is on" in half.format() and "autocast's half copies" in half.format()
+    assert "total without activations" in plain and "GiB" in plain and "peak" in plain and "CUDA context" in plain
+    assert "Not counted: the backward pass's gradients of activations" in plain
+    assert "checkpointing is off" in plain and "autocast" not in plain and "recomputed" not in plain
+    assert "checkpointing is on" in half.format() and "autocast's bfloat16 copies of trained weights" in half.format()
+    assert "one block recomputed (checkpointing)" in half.format()
     assert "weights, frozen bfloat16" in half.format() and "weights, trained float32" in half.format()
+    assert half.lines()[0] == ("Memory estimate at 32 px, 1 image per forward pass, mixed precision bf16, "
+                               "optimizer adamw, gradient checkpointing on")
 
 
 def test_unreadable_configs_are_a_user_error(tmp_path):
@@ -196,42 +245,289 @@ def test_lora_counts_are_rank_times_in_plus_out_of_each_target(reference, target
     assert all(p.device.type == "meta" for p in trained)
 
 
-def figures(reference) -> dict[str, float]:
-    """The README's table, in GiB."""
+def adamw8bit_bytes(tensors: list[torch.Tensor]) -> int:
+    """bitsandbytes' layout: two uint8 states with an fp32 absmax per block of 256 weights, fp32 states for
+    tensors under 4096 weights, and its two 256-entry fp32 quantization maps."""
+    sizes = [tensor.numel() for tensor in tensors]
+    return sum(2 * n + 2 * 4 * math.ceil(n / 256) if n >= 4096 else 8 * n for n in sizes) + 2 * 256 * 4
+
+
+def figures(reference) -> dict[str, MemoryEstimate]:
+    """The README's first table (batch and resolution leave `total` alone: 256 px keeps the traces small)."""
     sd15, sdxl = str(reference["sd15"]), str(reference["sdxl"])
     cases = {
         "sd15 full": (sd15, {}),
-        "sd15 full 8-bit": (sd15, dict(optimizer_state_bytes_per_param=2.0)),
+        "sd15 full 8-bit": (sd15, dict(optimizer="adamw8bit")),
         "sd15 full fp16": (sd15, dict(mixed_precision="fp16")),
         "sd15 lora": (sd15, dict(lora_rank=16, mixed_precision="fp16")),
         "sdxl full": (sdxl, {}),
-        "sdxl full 8-bit": (sdxl, dict(optimizer_state_bytes_per_param=2.0)),
-        "sdxl full fp16 8-bit": (sdxl, dict(mixed_precision="fp16", optimizer_state_bytes_per_param=2.0)),
+        "sdxl full 8-bit": (sdxl, dict(optimizer="adamw8bit")),
+        "sdxl full fp16 8-bit": (sdxl, dict(mixed_precision="fp16", optimizer="adamw8bit")),
         "sdxl lora": (sdxl, dict(lora_rank=16, mixed_precision="fp16")),
     }
-    return {name: estimate_memory(where, **kwargs) for name, (where, kwargs) in cases.items()}
+    return {name: estimate_memory(where, resolution=256, **kwargs) for name, (where, kwargs) in cases.items()}
 
 
 def test_sd15_and_sdxl_figures(reference):
     estimates = figures(reference)
-    for estimate in estimates.values():
-        print(estimate.format())
     sd15, sdxl = sum(SD15_PARAMETERS.values()), sum(SDXL_PARAMETERS.values())
     unet, unet_xl = SD15_PARAMETERS["unet"], SDXL_PARAMETERS["unet"]
-    # Full fine-tune in fp32: every weight 4 B, the UNet's gradients 4 B and AdamW moments 8 B.
-    assert estimates["sd15 full"].total == 4 * sd15 + 4 * unet + 8 * unet
-    assert estimates["sd15 full 8-bit"].total == 4 * sd15 + 4 * unet + 2 * unet
-    assert estimates["sd15 full fp16"].total == 2 * (sd15 - unet) + 4 * unet + 4 * unet + 8 * unet
-    assert estimates["sdxl full"].total == 4 * sdxl + 4 * unet_xl + 8 * unet_xl
-    assert estimates["sdxl full fp16 8-bit"].total == 2 * (sdxl - unet_xl) + 4 * unet_xl + 4 * unet_xl + 2 * unet_xl
+    tensors = list(empty_models(str(reference["sd15"]))["unet"].parameters())
+    tensors_xl = list(empty_models(str(reference["sdxl"]))["unet"].parameters())
+    # Full fine-tune in fp32: every weight 4 B, the UNet's gradients 4 B and AdamW moments 8 B (+ 4 B of step
+    # counter per tensor), or bitsandbytes' 8-bit state.
+    assert estimates["sd15 full"].total == 4 * sd15 + 4 * unet + 8 * unet + 4 * len(tensors)
+    assert estimates["sd15 full 8-bit"].total == 4 * sd15 + 4 * unet + adamw8bit_bytes(tensors)
+    assert estimates["sd15 full fp16"].total == 2 * (sd15 - unet) + 4 * unet + 4 * unet + 8 * unet + 4 * len(tensors)
+    assert estimates["sdxl full"].total == 4 * sdxl + 4 * unet_xl + 8 * unet_xl + 4 * len(tensors_xl)
+    assert estimates["sdxl full fp16 8-bit"].total == (2 * (sdxl - unet_xl) + 4 * unet_xl + 4 * unet_xl
+                                                       + adamw8bit_bytes(tensors_xl))
     # LoRA under fp16: the base in half, adapters (UNet attention, rank 16: 4 x 797,184 and 4 x 5,806,080 of rank
-    # 4, i.e. rank x (in + out) over to_q, to_k, to_v, to_out.0) in fp32 with gradients and moments.
-    for name, total, adapters in (("sd15 lora", sd15, 3_188_736), ("sdxl lora", sdxl, 23_224_320)):
+    # 4, i.e. rank x (in + out) over to_q, to_k, to_v, to_out.0; an A and a B matrix each) in fp32 with gradients
+    # and moments.
+    for name, total, adapters, attentions in (("sd15 lora", sd15, 3_188_736, 32), ("sdxl lora", sdxl, 23_224_320, 140)):
         assert estimates[name].trained_parameters == adapters
-        assert estimates[name].total == 2 * total + (4 + 4 + 8) * adapters
+        assert estimates[name].total == 2 * total + (4 + 4 + 8) * adapters + 4 * attentions * 4 * 2
     gib = {name: round(estimate.total / GIB, 2) for name, estimate in estimates.items()}
-    assert gib == {"sd15 full": 13.58, "sd15 full 8-bit": 8.77, "sd15 full fp16": 13.19, "sd15 lora": 2.03,
-                   "sdxl full": 41.62, "sdxl full 8-bit": 27.27, "sdxl full fp16 8-bit": 25.59, "sdxl lora": 6.81}
+    assert gib == {"sd15 full": 13.58, "sd15 full 8-bit": 8.80, "sd15 full fp16": 13.19, "sd15 lora": 2.03,
+                   "sdxl full": 41.62, "sdxl full 8-bit": 27.35, "sdxl full fp16 8-bit": 25.67, "sdxl lora": 6.81}
+
+
+ACTIVATION_CASES = {
+    "sd15 full 8-bit": ("sd15", dict(optimizer="adamw8bit")),
+    "sd15 lora": ("sd15", dict(lora_rank=16)),
+    "sdxl full 8-bit": ("sdxl", dict(optimizer="adamw8bit")),
+    "sdxl lora": ("sdxl", dict(lora_rank=16)),
+}
+
+
+def test_sd15_and_sdxl_activation_figures(reference):
+    """The README's second table: 1 instance + 1 class image per forward pass at the native resolution, fp16,
+    without and with checkpointing (GiB: activations, the recomputed block, peak)."""
+    figures = {}
+    for name, (family, kwargs) in ACTIVATION_CASES.items():
+        for checkpointing in (False, True):
+            estimate = estimate_memory(reference[family], mixed_precision="fp16", batch_size=2,
+                                       gradient_checkpointing=checkpointing, **kwargs)
+            print(estimate.format())
+            held = estimate.weights + estimate.optimizer_state + estimate.activations.kept
+            assert estimate.peak == max(held + estimate.activations.weight_copies,
+                                        held + estimate.gradients + estimate.activations.weight_copies_kept
+                                        + estimate.activations.recompute)
+            figures[name, checkpointing] = tuple(round(size / GIB, 2) for size in (
+                estimate.activations.kept, estimate.activations.recompute, estimate.peak))
+    # Checkpointing keeps a sixth of the activations or less, and rebuilds far less than it saves.
+    for name in ACTIVATION_CASES:
+        (kept, _, peak), (kept_checkpointed, block, peak_checkpointed) = figures[name, False], figures[name, True]
+        assert kept_checkpointed < kept / 6 and block < kept / 4 and peak_checkpointed < peak
+    assert figures == {
+        ("sd15 full 8-bit", False): (2.31, 0.0, 12.29), ("sd15 full 8-bit", True): (0.34, 0.17, 9.13),
+        ("sd15 lora", False): (2.13, 0.0, 4.17), ("sd15 lora", True): (0.33, 0.15, 2.51),
+        ("sdxl full 8-bit", False): (16.09, 0.0, 45.90), ("sdxl full 8-bit", True): (1.23, 0.40, 27.45),
+        ("sdxl lora", False): (14.36, 0.0, 21.20), ("sdxl lora", True): (1.04, 0.39, 8.23),
+    }
+
+
+def models_of(components) -> dict[str, torch.nn.Module]:
+    return {name: getattr(components, name) for name in MODELS if getattr(components, name) is not None}
+
+
+def trained_names(models: dict[str, torch.nn.Module], config: TrainConfig) -> list[str]:
+    return ["unet"] + [name for name in MODELS[2:] if name in models and config.train_text_encoder]
+
+
+ACTIVATION_TINY_CASES = {
+    "full": dict(),
+    "full, bf16, prior preservation": dict(mixed_precision="bf16", class_prompt="a photo of a cat", class_dir="c"),
+    "full, checkpointing": dict(gradient_checkpointing=True),
+    "full, bf16, checkpointing": dict(mixed_precision="bf16", gradient_checkpointing=True),
+    "lora, bf16": dict(lora_rank=4, mixed_precision="bf16"),
+    "full + text encoder, bf16": dict(train_text_encoder=True, mixed_precision="bf16"),
+    "lora + text encoder, checkpointing, batch 2": dict(train_text_encoder=True, lora_rank=4,
+                                                        gradient_checkpointing=True, train_batch_size=2),
+}
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("case", ACTIVATION_TINY_CASES)
+def test_activations_traced_on_meta_are_those_of_the_prepared_models(tiny_model, tiny_sdxl_model, family, case):
+    """The estimate's trace (models built from configs on the meta device, marked and cast as the trainer does)
+    gives what the same trace gives on the real models `prepare_models` prepared, computed on the CPU."""
+    model = tiny_model if family == "sd" else tiny_sdxl_model
+    config = train_config(model, **ACTIVATION_TINY_CASES[case])
+    estimate = estimate_for_config(config)
+    assert estimate.batch_size == config.train_batch_size * (2 if config.with_prior_preservation else 1)
+    models = models_of(prepared(model, config))
+    measured = trace_activations(models, trained_names(models, config), batch_size=estimate.batch_size,
+                                 resolution=TINY_RESOLUTION, mixed_precision=config.mixed_precision)
+    assert estimate.activations == measured and measured.kept > 0
+    assert (measured.recompute > 0) == config.gradient_checkpointing
+    assert (measured.weight_copies > 0) == (config.mixed_precision != "no")
+
+
+def checkpoint_without_rng_state(module, *args):
+    """diffusers' checkpoint call, without the CPU RNG state torch keeps per block (host memory on a GPU too)."""
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, preserve_rng_state=False)
+
+
+@pytest.mark.parametrize("case", ["full", "full, bf16, checkpointing", "lora, bf16", "full, checkpointing"])
+def test_traced_activations_are_the_memory_the_graph_holds(tiny_model, case):
+    """Independently of the trace: the bytes the CPU allocator still holds after a real UNet forward pass (its
+    output aside), and the saved tensors' buffers told apart by data pointer, equal what the trace counts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    config = train_config(tiny_model, **ACTIVATION_TINY_CASES[case])
+    models = models_of(prepared(tiny_model, config))
+    if config.gradient_checkpointing:
+        models["unet"].enable_gradient_checkpointing(checkpoint_without_rng_state)
+    traced = trace_activations(models, ["unet"], batch_size=2, resolution=TINY_RESOLUTION,
+                               mixed_precision=config.mixed_precision)
+    weights = {p.untyped_storage().data_ptr() for model in models.values() for p in model.parameters()}
+    buffers: dict[int, torch.Tensor] = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in weights:
+            buffers[tensor.untyped_storage().data_ptr()] = tensor
+        return tensor
+
+    def forward():
+        half = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), GpuCompute(config.mixed_precision):
+            return models["unet"](torch.randn(2, 4, 16, 16), torch.zeros(2, dtype=torch.long),
+                                  torch.randn(2, 77, 32, dtype=half)).sample
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        output = forward()
+    held = sum(event.self_cpu_memory_usage for event in profiler.events()) - output.untyped_storage().nbytes()
+    by_pointer = sum(tensor.untyped_storage().nbytes() for tensor in buffers.values())
+    assert by_pointer == traced.kept + traced.weight_copies_kept
+    assert abs(held - by_pointer) <= 1024  # the profiler also sees a few host-side scalars come and go
+
+
+def test_activations_grow_with_the_batch_and_the_square_of_the_resolution(tiny_model):
+    """Every kept tensor is per image: the batch multiplies them. Per latent pixel, or fixed (the prompt's 77
+    tokens as keys and values): so from 32 to 64 to 128 px, each step grows 4x the one before."""
+    def kept(**overrides):
+        return estimate_for_config(train_config(tiny_model, mixed_precision="bf16", **overrides)).activations
+
+    assert kept(train_batch_size=3).kept == 3 * kept().kept and kept(train_batch_size=3).largest == 3 * kept().largest
+    assert kept(train_batch_size=3).weight_copies == kept().weight_copies  # the weights' copies are not per image
+    small, medium, large = (kept(resolution=side).kept for side in (32, 64, 128))
+    assert large - medium == 4 * (medium - small) and medium < 4 * small
+
+
+def test_attention_is_kept_as_the_gpu_kernels_keep_it():
+    """On meta, torch's only attention kernel is the math one, keeping a tokens x tokens matrix per head; a GPU's
+    flash and memory-efficient kernels keep query, key, value, output and an fp32 log-sum-exp per query."""
+    heads, tokens, width = 8, 4096, 40
+    query, key, value = (torch.empty(1, heads, tokens, width, device="meta", requires_grad=True) for _ in range(3))
+
+    def saved_bytes(compute):
+        sizes = {}
+
+        def pack(tensor):
+            sizes[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), compute:
+            F.scaled_dot_product_attention(query, key, value)
+        return sum(sizes.values())
+
+    one = heads * tokens * width * 4
+    assert saved_bytes(GpuCompute("no")) == 4 * one + heads * tokens * 4
+    assert saved_bytes(contextlib.nullcontext()) >= heads * tokens**2 * 4
+
+
+def test_gpu_compute_casts_as_cuda_autocast_does():
+    """Half precision for matrix products and convolutions, fp32 for norms, softmax and exp (torch's CUDA lists);
+    a trained fp32 weight is cast once (autocast's cache) and its copy reported; the cache goes at the end."""
+    weight = torch.nn.Parameter(torch.randn(8, 8))
+    frozen = torch.randn(8, 8, dtype=torch.bfloat16)
+    x = torch.randn(2, 8)
+    with GpuCompute("bf16") as compute:
+        first, second = F.linear(x, weight), F.linear(x, weight)
+        assert first.dtype == second.dtype == (x @ x.T).dtype == F.silu(first).dtype == torch.bfloat16
+        assert compute.copies == {next(iter(compute._cache.values())).untyped_storage()._cdata: 8 * 8 * 2}
+        assert F.linear(x, frozen).dtype == torch.bfloat16 and len(compute.copies) == 1
+        for result in (F.layer_norm(first, (8,)), F.group_norm(first.view(2, 8, 1), 2), first.softmax(-1),
+                       torch.exp(first), F.interpolate(first.view(1, 2, 8, 1), scale_factor=2.0)):
+            assert result.dtype == torch.float32
+    assert not compute._cache and len(compute.copies) == 1
+    with GpuCompute("no"):
+        assert F.linear(x, weight).dtype == torch.float32
+
+
+def test_checkpointing_shrinks_the_kept_activations_of_sd15(reference):
+    plain, checkpointed = (estimate_memory(reference["sd15"], mixed_precision="fp16", batch_size=2,
+                                           gradient_checkpointing=checkpointing).activations
+                           for checkpointing in (False, True))
+    assert checkpointed.kept < plain.kept / 6 and 0 < checkpointed.recompute < plain.kept / 10
+    # Autocast makes the same copies, a half one of every weight of a linear or convolution layer (norms compute
+    # in fp32); the backward pass then needs only those of the layers outside the checkpointed blocks.
+    layers = [module for module in empty_models(str(reference["sd15"]))["unet"].modules()
+              if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
+    copied = sum(parameter.numel() for layer in layers for parameter in layer.parameters())
+    assert checkpointed.weight_copies == plain.weight_copies == 2 * copied
+    assert checkpointed.weight_copies_kept < plain.weight_copies_kept / 5
+
+
+OUT_OF_MEMORY = ("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 15.77 GiB of which "
+                 "3.12 MiB is free.")
+
+
+def test_out_of_memory_advice_is_one_line_ordered_by_what_each_switch_saves(reference):
+    config = train_config(reference["sd15"], resolution=512, class_prompt="a photo of a cat", class_dir="c",
+                          train_batch_size=2)
+    message = out_of_memory_message(config, 16 * GIB, OUT_OF_MEMORY)
+    print(message)
+    assert "\n" not in message and message.startswith("out of GPU memory: this run needs about ")
+    peak = estimate_for_config(config).peak
+    assert f"needs about {peak / GIB:.1f} GiB" in message and "the GPU has 16.0 GiB" in message
+    assert message.endswith("(torch tried to allocate 20.00 MiB)")
+    savings = {flag: peak - estimate_for_config(dataclasses.replace(config, **changes)).peak
+               for flag, changes in memory_switches(config)}
+    assert set(savings) == {"--gradient-checkpointing", "--optimizer adamw8bit", "--mixed-precision fp16",
+                            "--lora-rank 16", "--train-batch-size 1 --gradient-accumulation-steps 2"}
+    assert all(saving > 0 for saving in savings.values())
+    order = sorted(savings, key=lambda flag: -savings[flag])
+    positions = [message.index(f"{flag} (-{savings[flag] / GIB:.1f} GiB)") for flag in order]
+    assert positions == sorted(positions)
+    fitted = estimate_for_config(dataclasses.replace(
+        config, **{name: value for _, changes in memory_switches(config) for name, value in changes.items()})).peak
+    assert f"about {fitted / GIB:.1f} GiB with them all" in message
+
+
+def test_out_of_memory_advice_names_last_what_saves_only_with_the_others(reference):
+    """fp16 alone does not help a full fine-tune of 2 images (autocast's copies of the weights cost about what
+    half activations save); with LoRA and the others on it does, and is named after them."""
+    config = train_config(reference["sd15"], resolution=512, class_prompt="a photo of a cat", class_dir="c")
+    message = out_of_memory_message(config, 16 * GIB)
+    fp16 = dataclasses.replace(config, mixed_precision="fp16")
+    assert estimate_for_config(fp16).peak >= estimate_for_config(config).peak
+    others = [flag for flag, _ in memory_switches(config) if flag != "--mixed-precision fp16"]
+    assert "then --mixed-precision fp16 (-" in message
+    assert max(message.index(f"{flag} (-") for flag in others) < message.index("then --mixed-precision fp16")
+
+
+def test_out_of_memory_advice_repeats_no_switch_already_on(reference):
+    config = train_config(reference["sd15"], resolution=512, gradient_checkpointing=True, mixed_precision="fp16")
+    message = out_of_memory_message(config, None)
+    assert "--gradient-checkpointing" not in message and "--mixed-precision" not in message
+    assert "GPU has" not in message and "tried to allocate" not in message and "\n" not in message
+    assert message.index("--lora-rank 16") < message.index("--optimizer adamw8bit")
+    done = train_config(reference["sd15"], resolution=512, gradient_checkpointing=True, mixed_precision="fp16",
+                        optimizer="adamw8bit", lora_rank=16)
+    assert memory_switches(done) == []
+    assert "every memory switch is on already" in out_of_memory_message(done, 80 * GIB)
+
+
+def test_out_of_memory_advice_without_an_estimate_is_still_one_line(tmp_path):
+    config = train_config(tmp_path / "gone", lora_rank=4)
+    message = out_of_memory_message(config, 8 * GIB, OUT_OF_MEMORY)
+    assert message.startswith("out of GPU memory (no estimate: ") and "\n" not in message
+    assert message.endswith("to use less, try --gradient-checkpointing, --optimizer adamw8bit, "
+                            "--mixed-precision fp16")
 
 
 def test_cached_latents_at_sd15_size(reference):

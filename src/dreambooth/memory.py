@@ -1,27 +1,37 @@
-"""How much GPU memory a training run needs, before renting a GPU (`dreambooth train ... --estimate-memory`).
+"""How much GPU memory a training run needs, before renting a GPU (`dreambooth train ... --estimate-memory`),
+and what to change when a run runs out of it (`out_of_memory_message`).
 
 The models are built from their configs alone, on the meta device (`accelerate.init_empty_weights`), and
 frozen / given adapters the way `dreambooth.train.prepare_models` does; so the parameter counts are exact and
-an SD 1.5 or SDXL estimate reads a few kB of JSON, no weights. What is counted: weights (trained and frozen,
-by dtype), gradients, optimizer state and cached latents. Activations are not: they depend on the kernels
-(attention implementation), batch size, resolution and gradient checkpointing, and are best measured.
+an SD 1.5 or SDXL estimate reads a few kB of JSON, no weights. Counted: weights (trained and frozen, by dtype),
+gradients, the run's optimizer's state (`optimizers.optimizer_state_bytes`), cached latents, and the
+activations the backward pass keeps: one training forward pass is run on meta tensors (shapes only, nothing
+allocated) while a saved-tensors hook adds up what autograd keeps, as a GPU would keep it (see `trace_activations`).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
 import json
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from dreambooth import lora
 from dreambooth.config import TrainConfig
 from dreambooth.errors import UserError
 from dreambooth.models import ModelSource, native_resolution, resolve_model
+from dreambooth.optimizers import OptimizerSettings, optimizer_settings, optimizer_state_bytes
 
 GIB = 2**30  # GPU memory is sold and reported (nvidia-smi, torch.cuda) in binary units
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -29,15 +39,21 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 WEIGHT_DTYPE = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LATENT_BYTES = 4 * 2  # a cached latent is its distribution's mean and std, both fp32
 
-# Optimizer state: bytes per trained parameter (AdamW 8: two fp32 moments), or bytes of one trained
-# parameter tensor given its shape (for optimizers whose state is not proportional, e.g. 8-bit AdamW keeps
-# small tensors in 32 bit, Adafactor factors its moments by rows and columns).
-OptimizerState = float | Callable[[torch.Size], float]
+
+@dataclass(frozen=True)
+class Activations:
+    """Bytes the training forward pass leaves for the backward pass (`trace_activations`)."""
+
+    kept: int = 0  # tensors autograd saves, each storage once; weights and their copies are not counted here
+    weight_copies: int = 0  # autocast's half copies of fp32 trained weights, all held to the end of the forward
+    weight_copies_kept: int = 0  # those of them the backward pass still needs (all of them without checkpointing)
+    recompute: int = 0  # checkpointing: the largest checkpointed block's own activations, rebuilt in the backward
+    largest: int = 0  # the largest single tensor kept: the scale of the backward pass's transient gradients
 
 
 @dataclass
 class MemoryEstimate:
-    """Bytes a training run holds on the GPU, not counting activations (see `not_counted`)."""
+    """Bytes a training run holds on the GPU: `total` without activations, `peak` with them (see `not_counted`)."""
 
     parameters: dict[str, int]  # each model's own parameter count (unet, vae, text encoders), adapters excluded
     trained_parameters: int  # what the optimizer updates: whole models, or adapters (+ token embeddings)
@@ -52,6 +68,10 @@ class MemoryEstimate:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     notes: list[str] = field(default_factory=list)  # assumptions made, e.g. the architecture of a bare file
+    optimizer: str = "adamw"
+    batch_size: int = 1  # images in one forward pass (instance images, and as many class images)
+    activations: Activations = field(default_factory=Activations)
+    gradients_in_forward: bool = False  # gradient accumulation: earlier micro-batches' gradients stay
 
     @property
     def weights(self) -> int:
@@ -59,36 +79,56 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
+        """Weights, gradients, optimizer state and cached latents: what the run holds whatever the batch."""
         return self.weights + self.gradients + self.optimizer_state + self.cached_latents
 
+    @property
+    def peak(self) -> int:
+        """The most held at once: at the end of the forward pass (activations, and every weight copy in
+        autocast's cache) or in the backward pass (gradients too, and one checkpointed block recomputed)."""
+        held = self.weights + self.optimizer_state + self.cached_latents + self.activations.kept
+        forward = held + self.activations.weight_copies + (self.gradients if self.gradients_in_forward else 0)
+        backward = held + self.gradients + self.activations.weight_copies_kept + self.activations.recompute
+        return max(forward, backward)
+
     def not_counted(self) -> list[str]:
-        """What the total leaves out (the activations are usually the largest part), and what checkpointing does."""
-        autocast = ""
-        if self.mixed_precision != "no":
-            # Autocast keeps a half copy of each fp32 weight it casts, until the backward pass has used it.
-            copies = self.trained_parameters * 2 / GIB
-            autocast = f" autocast's half copies of trained weights (up to {copies:.2f} GiB),"
-        checkpointing = ("Gradient checkpointing is on: only each block's inputs are kept and the rest is recomputed "
-                         "in the backward pass, a fraction of the activations for about a third more compute."
+        """What the peak leaves out or overstates, and what checkpointing does."""
+        largest = self.activations.largest / 2**20
+        checkpointing = ("Gradient checkpointing is on: each block keeps only its inputs, and the backward pass "
+                         "recomputes one block at a time (the largest is counted)."
                          if self.gradient_checkpointing else
                          "Gradient checkpointing is off: every layer's activations are kept for the backward pass; "
-                         "--gradient-checkpointing keeps a fraction of them for about a third more compute.")
-        return [f"Not counted: activations (they grow with batch size x resolution^2),{autocast} the VAE's and "
-                "text encoders' forward passes, the CUDA context (~0.3-0.5 GiB) and PyTorch's allocator cache.",
+                         "--gradient-checkpointing keeps each block's inputs only, for about a third more compute.")
+        return [f"Not counted: the backward pass's gradients of activations (a few tensors at a time; the largest "
+                f"activation is {largest:.0f} MiB), the optimizer step's temporaries, the VAE's and frozen text "
+                "encoders' forward passes, the CUDA context (~0.3-0.5 GiB), cuBLAS/cuDNN workspaces and PyTorch's "
+                "allocator cache.",
+                "The peak counts all gradients and all activations at once, an upper bound: the backward pass frees "
+                "activations as gradients fill in. Attention is counted as a GPU's flash or memory-efficient kernel "
+                "keeps it (no tokens x tokens matrix).",
                 checkpointing]
 
     def lines(self) -> list[str]:
         rows = [("weights, trained " + dtype, size) for dtype, size in self.trained_weights.items()]
         rows += [("weights, frozen " + dtype, size) for dtype, size in self.frozen_weights.items()]
-        rows += [("gradients float32", self.gradients), ("optimizer state", self.optimizer_state)]
+        rows += [("gradients float32", self.gradients), (f"optimizer state ({self.optimizer})", self.optimizer_state)]
         if self.cached_images:
             rows.append((f"cached latents ({self.cached_images} images)", self.cached_latents))
+        rows += [("total without activations", self.total), ("activations", self.activations.kept)]
+        if self.activations.weight_copies:
+            half = _dtype_name(WEIGHT_DTYPE[self.mixed_precision])
+            rows.append((f"autocast's {half} copies of trained weights", self.activations.weight_copies))
+        if self.gradient_checkpointing:
+            rows.append(("one block recomputed (checkpointing)", self.activations.recompute))
+        rows.append(("peak", self.peak))
         models = ", ".join(f"{name} {_count(count)}" for name, count in self.parameters.items())
-        lines = [f"Memory estimate at {self.resolution} px, mixed precision {self.mixed_precision}",
+        images = f"{self.batch_size} image{'s' if self.batch_size != 1 else ''}"
+        lines = [f"Memory estimate at {self.resolution} px, {images} per forward pass, mixed precision "
+                 f"{self.mixed_precision}, optimizer {self.optimizer}, gradient checkpointing "
+                 f"{'on' if self.gradient_checkpointing else 'off'}",
                  f"  parameters: {models}; trained {_count(self.trained_parameters)}"]
-        lines += [f"  {label:<34}{size / GIB:>8.2f} GiB" for label, size in rows]
-        lines += [f"  {'total':<34}{self.total / GIB:>8.2f} GiB", *self.notes, *self.not_counted()]
-        return lines
+        lines += [f"  {label:<44}{size / GIB:>8.2f} GiB" for label, size in rows]
+        return lines + [*self.notes, *self.not_counted()]
 
     def format(self) -> str:
         return "\n".join(self.lines())
@@ -97,14 +137,32 @@ class MemoryEstimate:
 def estimate_memory(model: ModelSource | str | Path, *, lora_rank: int | None = None, lora_alpha: float | None = None,
                     lora_targets: str | None = None, train_text_encoder: bool = False,
                     token_embeddings_trained: bool = False, mixed_precision: str = "no",
-                    optimizer_state_bytes_per_param: OptimizerState = 8.0, cached_images: int = 0,
-                    resolution: int | None = None, gradient_checkpointing: bool = False) -> MemoryEstimate:
+                    optimizer: OptimizerSettings | str = "adamw", cached_images: int = 0,
+                    resolution: int | None = None, gradient_checkpointing: bool = False, batch_size: int = 1,
+                    gradient_accumulation_steps: int = 1) -> MemoryEstimate:
     """Estimate the memory of training `model` (a ModelSource, or a diffusers folder or hub id of which only
-    the configs are read) with these settings; `cached_images` latents are cached (0: no cache)."""
+    the configs are read) with these settings; `cached_images` latents are cached (0: no cache), and one
+    forward pass takes `batch_size` images."""
     if mixed_precision not in WEIGHT_DTYPE:
         raise UserError(f"--mixed-precision {mixed_precision}: choose one of {', '.join(WEIGHT_DTYPE)}")
+    settings = OptimizerSettings(optimizer) if isinstance(optimizer, str) else optimizer
     with _config_location(model) as (where, notes):
-        models = empty_models(where)
+        estimate = _estimate(where, lora_rank, lora_alpha, lora_targets, train_text_encoder, token_embeddings_trained,
+                             mixed_precision, settings, cached_images, resolution, gradient_checkpointing,
+                             batch_size, gradient_accumulation_steps > 1)
+    estimate = copy.deepcopy(estimate)  # the cached one stays as it was, whatever the caller does with this
+    estimate.notes = notes + estimate.notes
+    return estimate
+
+
+# out_of_memory_message estimates a run under several switches, some alike. Keyed by the configs' location:
+# a process that rewrote a model's configs in place would get the old figures.
+@functools.lru_cache(maxsize=16)
+def _estimate(where: str, lora_rank: int | None, lora_alpha: float | None, lora_targets: str | None,
+              train_text_encoder: bool, token_embeddings_trained: bool, mixed_precision: str,
+              optimizer: OptimizerSettings, cached_images: int, resolution: int | None, gradient_checkpointing: bool,
+              batch_size: int, gradients_in_forward: bool) -> MemoryEstimate:
+    models = empty_models(where)
     trained = mark_trained(models, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
                            train_text_encoder=train_text_encoder, token_embeddings_trained=token_embeddings_trained)
     frozen = [p for p in _unique_parameters(models) if not p.requires_grad]
@@ -112,44 +170,51 @@ def estimate_memory(model: ModelSource | str | Path, *, lora_rank: int | None = 
     # prepare_models keeps whatever learns in fp32 (autocast computes in half) and stores the rest in half.
     trained_bytes = sum(p.numel() for p in trained) * 4
     frozen_bytes = sum(p.numel() for p in frozen) * weight_dtype.itemsize
-    if callable(optimizer_state_bytes_per_param):
-        optimizer = sum(optimizer_state_bytes_per_param(p.shape) for p in trained)
-    else:
-        optimizer = optimizer_state_bytes_per_param * sum(p.numel() for p in trained)
     vae = models["vae"].config
     factor = 2 ** (len(vae.block_out_channels) - 1)  # the VAE halves the image once per block but the last
     resolution = resolution or int(models["unet"].config.sample_size) * factor
     latent = vae.latent_channels * (resolution // factor) ** 2 * LATENT_BYTES
+    parameters = {name: sum(p.numel() for n, p in m.named_parameters() if "lora_" not in n)
+                  for name, m in models.items()}
+    state = optimizer_state_bytes(optimizer, trained)  # from shapes: the parameters are still fp32 here
+    trained_names = ["unet"] + [name for name in TEXT_ENCODERS if name in models and train_text_encoder]
+    prepare_like_training(models, trained_names, mixed_precision, gradient_checkpointing)
+    activations = trace_activations(models, trained_names, batch_size=batch_size, resolution=resolution,
+                                    mixed_precision=mixed_precision)
     return MemoryEstimate(
-        parameters={name: sum(p.numel() for n, p in m.named_parameters() if "lora_" not in n)
-                    for name, m in models.items()},
+        parameters=parameters,
         trained_parameters=sum(p.numel() for p in trained),
         frozen_parameters=sum(p.numel() for p in frozen),
         trained_weights={"float32": trained_bytes} if trained_bytes else {},
         frozen_weights={_dtype_name(weight_dtype): frozen_bytes},
         gradients=trained_bytes,
-        optimizer_state=round(optimizer),
+        optimizer_state=state,
         cached_latents=cached_images * latent,
         cached_images=cached_images,
         resolution=resolution,
         mixed_precision=mixed_precision,
         gradient_checkpointing=gradient_checkpointing,
-        notes=notes,
+        optimizer=optimizer.name,
+        batch_size=batch_size,
+        activations=activations,
+        gradients_in_forward=gradients_in_forward,
     )
 
 
 def estimate_for_config(config: TrainConfig, source: ModelSource | None = None, *,
-                        optimizer_state_bytes_per_param: OptimizerState = 8.0,
                         cached_images: int = 0) -> MemoryEstimate:
     """`estimate_memory` with a run's settings (the caller knows whether latents are cached, and how many)."""
     source = source or resolve_model(config.model, config.allow_pickle, config.model_config)
+    # With prior preservation a class image joins each instance image in the same forward pass.
+    batch_size = config.train_batch_size * (2 if config.with_prior_preservation else 1)
     return estimate_memory(
         source, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha, lora_targets=config.lora_targets,
         train_text_encoder=config.train_text_encoder,
         token_embeddings_trained=bool(config.token_embedding_learning_rate), mixed_precision=config.mixed_precision,
-        optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, cached_images=cached_images,
+        optimizer=optimizer_settings(config), cached_images=cached_images,
         resolution=config.resolution or native_resolution(source),
-        gradient_checkpointing=config.gradient_checkpointing)
+        gradient_checkpointing=config.gradient_checkpointing, batch_size=batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps)
 
 
 def estimate_run(config: TrainConfig) -> MemoryEstimate:
@@ -162,6 +227,69 @@ def estimate_run(config: TrainConfig) -> MemoryEstimate:
         images = len(list_images(config.instance_dir, "--instance-dir"))
         images += config.num_class_images if config.with_prior_preservation else 0
     return estimate_for_config(config, cached_images=images)
+
+
+def out_of_memory_message(config: TrainConfig, device_total_bytes: int | None, error_text: str = "") -> str:
+    """One line for a run that ran out of GPU memory: what the run needs by the estimate's peak and what the
+    GPU has, then the memory switches not yet on that save memory, the one that saves most for this run
+    first (each saving is the estimate with that switch on against without), then any that save only once
+    those are on (mixed precision in a full fine-tune: its half weight copies cost what its half activations
+    save, until LoRA freezes the weights), and the estimate with all of them on. Cached latents are left out
+    (a few MiB). It never raises: it explains an error already being reported."""
+    switches = memory_switches(config)
+    try:
+        source = resolve_model(config.model, config.allow_pickle, config.model_config)
+
+        def peak(changes: dict[str, Any]) -> int:
+            return estimate_for_config(dataclasses.replace(config, **changes), source).peak
+
+        estimate = estimate_for_config(config, source)
+        savings = sorted(((estimate.peak - peak(changes), flag, changes) for flag, changes in switches),
+                         key=lambda saving: -saving[0])
+        advice = [f"{flag} (-{_gib(saving)})" for saving, flag, _ in savings if saving > 0]
+        all_on = {name: value for saving, _, changes in savings if saving > 0 for name, value in changes.items()}
+        fitted = peak(all_on)
+        for _, flag, changes in [saving for saving in savings if saving[0] <= 0]:
+            if (saving := fitted - peak({**all_on, **changes})) > 0:
+                advice.append(f"then {flag} (-{_gib(saving)} on top)")
+                all_on, fitted = {**all_on, **changes}, fitted - saving
+    except Exception as error:  # noqa: BLE001 - any failure here would hide the out-of-memory error itself
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        flags = ", ".join(flag for flag, _ in switches) or "a lower --resolution"
+        return f"out of GPU memory (no estimate: {reason}); to use less, try {flags}"
+    needs = (f"this run needs about {_gib(estimate.peak)} (weights+grads+optimizer {_gib(estimate.total, '')}, "
+             f"activations {_gib(estimate.peak - estimate.total, '')})")
+    has = f" and the GPU has {_gib(device_total_bytes)}" if device_total_bytes else ""
+    if device_total_bytes and estimate.peak < device_total_bytes:
+        has += " (more than the estimate: other processes, the CUDA context or the allocator's cache hold the rest)"
+    if advice:
+        advice_text = f"; to fit, try {', '.join(advice)}: about {_gib(fitted)} with them all"
+    else:
+        advice_text = "; every memory switch is on already: lower --resolution, or use a GPU with more memory"
+    tried = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]?i?B)", error_text)
+    return (f"out of GPU memory: {needs}{has}{advice_text}"
+            + (f" (torch tried to allocate {tried[1]})" if tried else ""))
+
+
+def memory_switches(config: TrainConfig) -> list[tuple[str, dict[str, Any]]]:
+    """The settings that shrink a run's memory and are not on yet: (flags, the TrainConfig fields they set)."""
+    switches: list[tuple[str, dict[str, Any]]] = []
+    if not config.gradient_checkpointing:
+        switches.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
+    if config.optimizer != "adamw8bit":  # Adafactor may keep less: the savings tell
+        switches.append(("--optimizer adamw8bit", {"optimizer": "adamw8bit"}))
+    if config.mixed_precision == "no":
+        switches.append(("--mixed-precision fp16", {"mixed_precision": "fp16"}))
+    if not config.uses_lora:
+        switches.append(("--lora-rank 16", {"lora_rank": 16}))
+    if config.train_text_encoder:
+        switches.append(("--no-train-text-encoder", {"train_text_encoder": False, "text_encoder_learning_rate": None,
+                                                     "token_embedding_learning_rate": None}))
+    if config.train_batch_size > 1:  # as many images per optimizer step, fewer per forward pass
+        steps = config.train_batch_size * config.gradient_accumulation_steps
+        switches.append((f"--train-batch-size 1 --gradient-accumulation-steps {steps}",
+                         {"train_batch_size": 1, "gradient_accumulation_steps": steps}))
+    return switches
 
 
 def empty_models(where: str) -> dict[str, torch.nn.Module]:
@@ -236,6 +364,215 @@ def _config_location(model: ModelSource | str | Path) -> Iterator[tuple[str, lis
                 f"Architecture assumed: {label}; --model-config names the file's own configs."]
 
 
+def prepare_like_training(models: dict[str, torch.nn.Module], trained: list[str], mixed_precision: str,
+                          gradient_checkpointing: bool) -> None:
+    """Give models marked by `mark_trained` the dtypes and modes `prepare_models` gives them: what learns in
+    fp32, the rest in the mixed-precision dtype; trained models in training mode, checkpointed if asked."""
+    from dreambooth.prepare import enable_gradient_checkpointing
+
+    for name, module in models.items():
+        for parameter in module.parameters():
+            parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else
+                                               WEIGHT_DTYPE[mixed_precision])
+        module.train(name in trained)
+        if name in trained and gradient_checkpointing:
+            enable_gradient_checkpointing(module)
+
+
+def trace_activations(models: dict[str, torch.nn.Module], trained: list[str], *, batch_size: int, resolution: int,
+                      mixed_precision: str) -> Activations:
+    """Run the training step's forward pass (the trained text encoders, then the UNet) on zeros of the real
+    shapes on the models' device, and add up what autograd keeps for the backward pass. Meta models allocate
+    nothing (about a second for SDXL); real ones give the same figures.
+
+    What is kept is read from a saved-tensors hook, each storage once (a tensor saved by several ops, and views
+    of one buffer, are one buffer); parameters are weights, not activations. The compute is a GPU's
+    (`GpuCompute`): CUDA autocast's casts under mixed precision, and the fused attention kernels."""
+    unet = models["unet"]
+    device = next(unet.parameters()).device
+    half = WEIGHT_DTYPE[mixed_precision]
+    factor = 2 ** (len(models["vae"].config.block_out_channels) - 1)
+    side = resolution // factor
+    encoders = [models[name] for name in TEXT_ENCODERS if name in models]
+    tokens = encoders[0].config.max_position_embeddings
+    saved = _SavedTensors({p.untyped_storage()._cdata for m in models.values() for p in m.parameters()})
+    restore = _count_recomputed_blocks([models[name] for name in trained], saved)
+    compute = GpuCompute(mixed_precision)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, _unpack), compute:
+            latents = torch.zeros(batch_size, unet.config.in_channels, side, side, device=device)  # fp32, as the step's
+            timesteps = torch.zeros(batch_size, dtype=torch.long, device=device)
+            if any(name in trained for name in TEXT_ENCODERS):  # trained encoders run in every step (no cache)
+                ids = torch.zeros(batch_size, tokens, dtype=torch.long, device=device)
+                outputs = [encoder(ids, output_hidden_states=len(encoders) > 1) for encoder in encoders]
+                # SD reads the last hidden state, SDXL every encoder's penultimate one (encoding.py).
+                hidden = (outputs[0][0] if len(encoders) == 1 else
+                          torch.cat([output.hidden_states[-2] for output in outputs], dim=-1))
+                pooled = getattr(outputs[-1], "text_embeds", None)
+            else:  # a frozen encoder's output: no graph, its dtype is all that matters
+                hidden = torch.zeros(batch_size, tokens, unet.config.cross_attention_dim, dtype=half, device=device)
+                pooled = torch.zeros(batch_size, getattr(encoders[-1].config, "projection_dim", 1), dtype=half,
+                                     device=device)
+            added = {}
+            if unet.config.addition_embed_type == "text_time":  # SDXL: the pooled text and six size numbers
+                added = {"added_cond_kwargs": {"text_embeds": pooled,
+                                               "time_ids": torch.zeros(batch_size, 6, device=device)}}
+            unet(latents, timesteps, hidden, **added)
+    finally:
+        restore()
+    kept = {key: size for key, size in saved.sizes.items() if key not in compute.copies}
+    return Activations(kept=sum(kept.values()), weight_copies=sum(compute.copies.values()),
+                       weight_copies_kept=sum(size for key, size in saved.sizes.items() if key in compute.copies),
+                       recompute=saved.recompute, largest=max(kept.values(), default=0))
+
+
+class _SavedTensors:
+    """A saved-tensors pack hook that notes each saved storage's bytes once."""
+
+    def __init__(self, weights: set[int]) -> None:
+        self.weights = weights  # the parameters' storages
+        self.sizes: dict[int, int] = {}
+        self.held: list[torch.Tensor] = []
+        self.recompute = 0  # filled by `_count_recomputed_blocks`
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        # The StorageImpl's address names a buffer, as torch's own StorageWeakRef does: unlike data_ptr() it
+        # tells meta storages apart. Held until the count is done, so no later storage can take the address.
+        key = storage._cdata
+        if key not in self.weights and key not in self.sizes:
+            self.sizes[key] = storage.nbytes()
+            self.held.append(tensor)
+        return tensor
+
+
+def _unpack(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _count_recomputed_blocks(modules: list[torch.nn.Module], saved: _SavedTensors) -> Callable[[], None]:
+    """Wrap the checkpoint function of every checkpointed block (diffusers' and transformers' both call
+    `block._gradient_checkpointing_func(function, *inputs)`), so that `saved.recompute` ends as the largest
+    block's own activations: torch's checkpoint keeps only a block's inputs (its `_NoopSaveInputs` saves them
+    through the outer hook) and rebuilds the rest in the backward pass, one block at a time. Inside the block
+    a hook of ours replaces the checkpoint's, so the block's saves are counted (and kept, on real tensors: this
+    is a measurement, never followed by a backward pass). Returns what undoes the wrapping."""
+    wrapped = []
+    for module in modules:
+        for block in module.modules():
+            checkpoint = getattr(block, "_gradient_checkpointing_func", None)
+            if getattr(block, "gradient_checkpointing", False) and checkpoint is not None:
+                wrapped.append((block, checkpoint))
+                block._gradient_checkpointing_func = functools.partial(_counted_checkpoint, checkpoint, saved)
+
+    def restore() -> None:
+        for block, checkpoint in wrapped:
+            block._gradient_checkpointing_func = checkpoint
+
+    return restore
+
+
+def _counted_checkpoint(checkpoint: Callable, saved: _SavedTensors, function: Callable, *args, **kwargs):
+    inner = _SavedTensors(saved.weights)
+
+    def block(*block_args, **block_kwargs):
+        with torch.autograd.graph.saved_tensors_hooks(inner.pack, _unpack):
+            return function(*block_args, **block_kwargs)
+
+    output = checkpoint(block, *args, **kwargs)
+    # The block's inputs are kept by the checkpoint already: rebuilding them costs nothing.
+    saved.recompute = max(saved.recompute, sum(size for key, size in inner.sizes.items() if key not in saved.sizes))
+    saved.held += inner.held
+    return output
+
+
+# CUDA autocast's policy (the lists in torch's ATen/autocast_mode.h), by the names the Python API gives the
+# ops: these run in half precision, and these in fp32 (norms, softmax, reductions, upsampling...). Other ops run
+# in their inputs' dtype, type promotion doing what autocast's "promote" list does for these models.
+HALF_OPS = frozenset({
+    "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "convolution",
+    "prelu", "addmm", "addmv", "addr", "matmul", "rmatmul", "einsum", "mm", "mv", "linear", "addbmm", "baddbmm",
+    "bmm", "chain_matmul", "multi_dot", "vecdot", "scaled_dot_product_attention"})
+FLOAT32_OPS = frozenset({
+    "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt",
+    "sinh", "tan", "pow", "rpow", "softplus", "layer_norm", "rms_norm", "group_norm", "norm", "nuclear_norm",
+    "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss", "nll_loss", "hinge_embedding_loss", "kl_div",
+    "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss", "margin_ranking_loss", "multilabel_margin_loss",
+    "soft_margin_loss", "triplet_margin_loss", "multi_margin_loss", "binary_cross_entropy_with_logits", "dist",
+    "pdist", "cdist", "renorm", "logsumexp", "interpolate", "upsample", "prod", "softmax", "log_softmax",
+    "cumprod", "cumsum", "vector_norm", "matrix_norm", "sum"})
+
+
+class GpuCompute(TorchFunctionMode):
+    """Compute as a CUDA GPU training step does, on any device, meta included (where torch's autocast does
+    nothing): under mixed precision, CUDA autocast's casts, with its cache of the half copies of trained
+    (fp32, leaf) weights, held until the region ends; and scaled_dot_product_attention as `_GpuAttention`.
+    `copies` gives each weight copy's storage and bytes."""
+
+    def __init__(self, mixed_precision: str) -> None:
+        super().__init__()
+        self.half = None if mixed_precision == "no" else WEIGHT_DTYPE[mixed_precision]
+        self.copies: dict[int, int] = {}
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "").strip("_")
+        if self.half is not None and (name in HALF_OPS or name in FLOAT32_OPS):
+            dtype = self.half if name in HALF_OPS else torch.float32
+            args, kwargs = self._cast(args, dtype), self._cast(kwargs, dtype)
+        if func is F.scaled_dot_product_attention:
+            return _GpuAttention.apply(*_attention_arguments(*args, **kwargs))
+        return func(*args, **kwargs)
+
+    def __exit__(self, *exc_info):
+        self._cache.clear()  # as autocast's, when its region ends
+        return super().__exit__(*exc_info)
+
+    def _cast(self, value: Any, dtype: torch.dtype) -> Any:
+        if type(value) in (list, tuple):
+            return type(value)(self._cast(item, dtype) for item in value)
+        if type(value) is dict:
+            return {key: self._cast(item, dtype) for key, item in value.items()}
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dtype in (dtype,
+                                                                                                  torch.float64):
+            return value
+        if not (dtype == self.half and value.dtype == torch.float32 and value.is_leaf and value.requires_grad):
+            return value.to(dtype)
+        if id(value) not in self._cache:
+            self._cache[id(value)] = copy = value.to(dtype)
+            self.copies[copy.untyped_storage()._cdata] = copy.untyped_storage().nbytes()
+        return self._cache[id(value)]
+
+
+def _attention_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                         enable_gqa=False) -> tuple:
+    return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+
+
+class _GpuAttention(torch.autograd.Function):
+    """scaled_dot_product_attention as a GPU's flash or memory-efficient kernel keeps it for the backward pass:
+    query, key, value, mask, the output (laid out [batch, tokens, heads, dim] as theirs is, so the caller's
+    transpose back needs no copy) and each query row's log-sum-exp in fp32. The math kernel, the only one on
+    meta, keeps the tokens x tokens attention matrix instead: 4096 x 4096 per head in SD 1.5's first blocks at
+    512 px, GiBs that a GPU never holds. Measurement only: it has no backward pass."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+        batch, heads, tokens = query.shape[:3]
+        output = query.new_empty(batch, tokens, heads, value.shape[-1]).transpose(1, 2)
+        output.copy_(F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                                    enable_gqa=enable_gqa))
+        log_sum_exp = query.new_empty(batch, heads, tokens, dtype=torch.float32)
+        masks = [attn_mask] if isinstance(attn_mask, torch.Tensor) else []
+        ctx.save_for_backward(query, key, value, output, log_sum_exp, *masks)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("_GpuAttention measures memory only; it has no backward pass")
+
+
 # The published configs of SD 1.5 and SDXL base (parameter-relevant fields; the rest are diffusers' defaults).
 _VAE = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
             up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2, norm_num_groups=32)
@@ -292,6 +629,10 @@ def write_reference_configs(folder: str | Path, name: str) -> Path:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _gib(size: int, unit: str = " GiB") -> str:
+    return f"{size / GIB:.1f}{unit}"
 
 
 def _count(count: int) -> str:
