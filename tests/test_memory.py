@@ -288,6 +288,12 @@ def test_sd15_and_sdxl_figures(reference):
     for name, total, adapters, attentions in (("sd15 lora", sd15, 3_188_736, 32), ("sdxl lora", sdxl, 23_224_320, 140)):
         assert estimates[name].trained_parameters == adapters
         assert estimates[name].total == 2 * total + (4 + 4 + 8) * adapters + 4 * attentions * 4 * 2
+    # What --cache can move off the GPU during the steps: the VAE and the (frozen) text encoders, as stored.
+    encoders, encoders_xl = sd15 - unet, sdxl - unet_xl
+    assert estimates["sd15 full"].frozen_encoders == 4 * encoders
+    assert estimates["sd15 lora"].frozen_encoders == 2 * encoders
+    assert estimates["sdxl full fp16 8-bit"].frozen_encoders == 2 * encoders_xl
+    assert f"on the GPU ({2 * encoders_xl / GIB:.2f} GiB)" in estimates["sdxl lora"].format()
     gib = {name: round(estimate.total / GIB, 2) for name, estimate in estimates.items()}
     assert gib == {"sd15 full": 13.58, "sd15 full 8-bit": 8.80, "sd15 full fp16": 13.19, "sd15 lora": 2.03,
                    "sdxl full": 41.62, "sdxl full 8-bit": 27.35, "sdxl full fp16 8-bit": 25.67, "sdxl lora": 6.81}
@@ -415,6 +421,23 @@ def test_activations_grow_with_the_batch_and_the_square_of_the_resolution(tiny_m
     assert kept(train_batch_size=3).weight_copies == kept().weight_copies  # the weights' copies are not per image
     small, medium, large = (kept(resolution=side).kept for side in (32, 64, 128))
     assert large - medium == 4 * (medium - small) and medium < 4 * small
+
+
+def test_the_peak_is_the_larger_of_the_forward_and_the_backward_pass(tiny_model):
+    """At the end of the forward pass autocast's cache holds every weight copy; in the backward pass the gradients
+    fill in and one block is rebuilt. Gradient accumulation keeps the earlier micro-batches' gradients through the
+    forward pass too."""
+    options = dict(train_text_encoder=True, mixed_precision="bf16", gradient_checkpointing=True)
+    one, accumulating = (estimate_for_config(train_config(tiny_model, gradient_accumulation_steps=steps, **options))
+                         for steps in (1, 2))
+    activations = one.activations
+    held = one.weights + one.optimizer_state + activations.kept
+    forward, backward = (held + activations.weight_copies,
+                         held + one.gradients + activations.weight_copies_kept + activations.recompute)
+    assert one.peak == max(forward, backward) and one.total < one.peak
+    assert accumulating.peak == max(forward + one.gradients, backward) > one.peak
+    assert accumulating.activations == activations and accumulating.total == one.total
+    assert one.frozen_encoders == 2 * one.parameters["vae"]  # the text encoder trains: it stays on the GPU
 
 
 def test_attention_is_kept_as_the_gpu_kernels_keep_it():

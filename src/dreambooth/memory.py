@@ -72,6 +72,7 @@ class MemoryEstimate:
     batch_size: int = 1  # images in one forward pass (instance images, and as many class images)
     activations: Activations = field(default_factory=Activations)
     gradients_in_forward: bool = False  # gradient accumulation: earlier micro-batches' gradients stay
+    frozen_encoders: int = 0  # bytes of the VAE's and frozen text encoders' weights (--cache moves them off)
 
     @property
     def weights(self) -> int:
@@ -106,6 +107,9 @@ class MemoryEstimate:
                 "The peak counts all gradients and all activations at once, an upper bound: the backward pass frees "
                 "activations as gradients fill in. Attention is counted as a GPU's flash or memory-efficient kernel "
                 "keeps it (no tokens x tokens matrix).",
+                f"The peak counts the frozen text encoders and the VAE on the GPU ({self.frozen_encoders / GIB:.2f} "
+                "GiB); with --cache they wait on the CPU during the steps (the VAE only when every crop is known up "
+                "front: centre crops, or square photos at the resolution).",
                 checkpointing]
 
     def lines(self) -> list[str]:
@@ -178,6 +182,7 @@ def _estimate(where: str, lora_rank: int | None, lora_alpha: float | None, lora_
                   for name, m in models.items()}
     state = optimizer_state_bytes(optimizer, trained)  # from shapes: the parameters are still fp32 here
     trained_names = ["unet"] + [name for name in TEXT_ENCODERS if name in models and train_text_encoder]
+    encoders = [parameters[name] for name in ("vae", *TEXT_ENCODERS) if name in models and name not in trained_names]
     prepare_like_training(models, trained_names, mixed_precision, gradient_checkpointing)
     activations = trace_activations(models, trained_names, batch_size=batch_size, resolution=resolution,
                                     mixed_precision=mixed_precision)
@@ -198,6 +203,7 @@ def _estimate(where: str, lora_rank: int | None, lora_alpha: float | None, lora_
         batch_size=batch_size,
         activations=activations,
         gradients_in_forward=gradients_in_forward,
+        frozen_encoders=sum(encoders) * weight_dtype.itemsize,
     )
 
 
