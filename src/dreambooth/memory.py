@@ -2,7 +2,7 @@
 and what to change when a run runs out of it (`out_of_memory_message`).
 
 The models are built from their configs alone, on the meta device (`accelerate.init_empty_weights`), and
-frozen / given adapters the way `dreambooth.train.prepare_models` does; so the parameter counts are exact and
+frozen / given adapters the way `dreambooth.prepare.prepare_models` does; so the parameter counts are exact and
 an SD 1.5 or SDXL estimate reads a few kB of JSON, no weights. Counted: weights (trained and frozen, by dtype),
 gradients, the run's optimizer's state (`optimizers.optimizer_state_bytes`), cached latents, and the
 activations the backward pass keeps: one training forward pass is run on meta tensors (shapes only, nothing
