@@ -87,6 +87,35 @@ def test_every_bad_input_is_one_line_and_exit_status_2(tiny_model, instance_dir,
     assert (tmp_path / "other-run" / "config.yaml").read_text() == "model: x\n"  # untouched
 
 
+# A GPU running out of memory mid-step, made to happen on a CPU: the training UNet's forward raises what CUDA's
+# allocator raises (the estimate's UNet, on the meta device, holds no memory and runs).
+OUT_OF_MEMORY = """
+import sys, torch
+from diffusers import UNet2DConditionModel
+from dreambooth.cli import main
+
+def allocate(module, args):
+    if isinstance(module, UNet2DConditionModel) and module.device.type != "meta":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+torch.nn.modules.module.register_module_forward_pre_hook(allocate)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_out_of_memory_is_one_line_with_what_would_fit(tiny_model, instance_dir, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY, "train", "--model", str(tiny_model),
+                             "--instance-dir", str(instance_dir), "--instance-prompt", "a photo of miru cat",
+                             "--resolution", str(TINY_RESOLUTION), "--gradient-checkpointing",
+                             "--output", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=600)
+    lines = [line for line in result.stderr.splitlines() if "error" in line]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = lines
+    assert line.startswith("dreambooth train: error: out of GPU memory: this run needs about")
+    assert "--lora-rank" in line and "--gradient-checkpointing" not in line  # only switches not already on
+
+
 def test_debug_shows_the_traceback(tmp_path, instance_dir):
     result = run_cli("train", "--debug", "--model", str(tmp_path), "--instance-prompt", "p", "--instance-dir",
                      str(instance_dir), "--output", str(tmp_path / "o"))

@@ -23,8 +23,9 @@ from dreambooth.class_images import top_up_class_images
 from dreambooth.config import TrainConfig, class_images_config
 from dreambooth.data import DreamBoothData, load_examples, load_masks
 from dreambooth.files import append_jsonl, atomic_dir, atomic_write_text
-from dreambooth.models import (Components, assemble_pipeline, check_trainable, load_components, load_pipeline,
-                               native_resolution, resolve_model)
+from dreambooth.errors import UserError
+from dreambooth.models import (Components, assemble_pipeline, check_trainable, default_device, load_components,
+                               load_pipeline, native_resolution, resolve_model)
 from dreambooth.optimizers import check_optimizer, make_optimizer, optimizer_settings
 from dreambooth.options import to_dict
 from dreambooth.prepare import (OFFLOAD_DEVICE, TEXT_ENCODERS, allow_tf32, cached_encoders, fill_caches,
@@ -51,7 +52,20 @@ class StepResult:
 
 
 def train(config: TrainConfig) -> RunPaths:
-    """Fine-tune `config.model` on the instance images and write a RUN folder; return its paths."""
+    """Fine-tune `config.model` on the instance images and write a RUN folder; return its paths. Running out
+    of GPU memory ends in one line (a UserError) with what the run needs and the switches that would fit it."""
+    try:
+        return train_run(config)
+    except torch.OutOfMemoryError as error:
+        from dreambooth.memory import out_of_memory_message
+
+        device = default_device()
+        total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        raise UserError(out_of_memory_message(config, total, str(error))) from error
+
+
+def train_run(config: TrainConfig) -> RunPaths:
+    """`train` itself."""
     # 1. Claim the run folder before any slow work, so a mistake there fails at once.
     source = resolve_model(config.model, config.allow_pickle, config.model_config)
     check_trainable(source)
@@ -113,23 +127,25 @@ def train(config: TrainConfig) -> RunPaths:
     progress = tqdm(initial=start_step, total=config.max_train_steps, desc="train", unit="step",
                     disable=not accelerator.is_local_main_process)
     pending: list[tuple[int, StepResult, float]] = []
-    for step in range(start_step + 1, config.max_train_steps + 1):
-        result = train_step(step, step_models, trained, data, optimizer, lr_schedule, accelerator, config)
-        pending.append((step, result, seconds_before + time.monotonic() - started))
-        progress.update(1)
-        checkpoint, validation = needs_checkpoint(step, config), needs_validation(step, config)
-        saves = step in config.save_pipeline_at and step < config.max_train_steps
-        if step % config.log_every == 0 or checkpoint or validation or saves or step == config.max_train_steps:
-            last_loss = write_metrics(pending, paths, accelerator)
-            progress.set_postfix(loss=f"{last_loss:.4f}")
-            pending = []
-        if saves and accelerator.is_main_process:
-            save_trained(components, trained, accelerator, paths.pipeline_at(step), config)
-        if checkpoint:
-            save_checkpoint(accelerator, paths, step, config.keep_checkpoints)
-        if validation:
-            write_validation_images(components, accelerator, paths, step, config, offloaded)
-    progress.close()
+    try:
+        for step in range(start_step + 1, config.max_train_steps + 1):
+            result = train_step(step, step_models, trained, data, optimizer, lr_schedule, accelerator, config)
+            pending.append((step, result, seconds_before + time.monotonic() - started))
+            progress.update(1)
+            checkpoint, validation = needs_checkpoint(step, config), needs_validation(step, config)
+            saves = step in config.save_pipeline_at and step < config.max_train_steps
+            if step % config.log_every == 0 or checkpoint or validation or saves or step == config.max_train_steps:
+                last_loss = write_metrics(pending, paths, accelerator)
+                progress.set_postfix(loss=f"{last_loss:.4f}")
+                pending = []
+            if saves and accelerator.is_main_process:
+                save_trained(components, trained, accelerator, paths.pipeline_at(step), config)
+            if checkpoint:
+                save_checkpoint(accelerator, paths, step, config.keep_checkpoints)
+            if validation:
+                write_validation_images(components, accelerator, paths, step, config, offloaded)
+    finally:  # the bar's line ends however the loop does, so an error prints on a line of its own
+        progress.close()
 
     # 7. The fine-tuned pipeline, loss curve and model card.
     accelerator.wait_for_everyone()
