@@ -150,8 +150,8 @@ class TrainConfig:
     seed: int = option(0, "Seed for data order, noise and timesteps: the same seed gives the same run.")
     allow_pickle: bool = option(False, "Allow loading a pickled .ckpt model (runs code from the file).")
     estimate_memory: bool = option(
-        False, "Print the GPU memory the run's weights, gradients, optimizer state and cached latents need (from the "
-               "model's configs, no weights loaded) and stop without training.")
+        False, "Print the GPU memory the run needs (weights, gradients, optimizer state, cached latents, and the "
+               "activations of one step traced from the model's configs, no weights loaded) and stop without training.")
 
     def __post_init__(self) -> None:
         validate_fields(self)
