@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from dreambooth.config import ClassImagesConfig
@@ -56,7 +57,8 @@ def top_up_class_images(config: ClassImagesConfig) -> list[Path]:
                              **without_safety_checker(source)).to(device)
     setting = SamplingSetting(steps=config.steps, guidance=config.guidance, scheduler=config.scheduler)
     indices = free_indices(folder, missing)
-    with tqdm(total=missing, desc="class images", unit="img") as progress:
+    # Inference mode: no autograd bookkeeping at all (the pipeline's own no_grad still tracks versions and views).
+    with torch.inference_mode(), tqdm(total=missing, desc="class images", unit="img") as progress:
         for start in range(0, missing, config.batch_size):
             batch = indices[start : start + config.batch_size]
             seeds = [config.seed + index for index in batch]
