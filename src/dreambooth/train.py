@@ -56,7 +56,7 @@ def train(config: TrainConfig) -> RunPaths:
     of GPU memory ends in one line (a UserError) with what the run needs and the switches that would fit it."""
     try:
         return train_run(config)
-    except torch.OutOfMemoryError as error:
+    except torch.cuda.OutOfMemoryError as error:  # torch.OutOfMemoryError from torch 2.5 on; this name in 2.4 too
         from dreambooth.memory import out_of_memory_message
 
         device = default_device()
