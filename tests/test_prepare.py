@@ -46,6 +46,7 @@ def test_after_the_prefill_the_steps_never_touch_the_vae_or_the_frozen_text_enco
     """With every crop and prompt known up front, the encoders are sent away; sent to the meta device (weights
     dropped), training still runs and computes what the uncached run computes."""
     import dreambooth.prepare as prepare
+    import dreambooth.train as training
 
     class_dir = tmp_path / "cats"
     write_images(class_dir, 2, seed=9, prefix="cat")
@@ -53,7 +54,17 @@ def test_after_the_prefill_the_steps_never_touch_the_vae_or_the_frozen_text_enco
                    num_class_images=2)
     plain = train(make_config(tiny_model, instance_dir, tmp_path / "plain", cache=False, **options))
     monkeypatch.setattr(prepare, "OFFLOAD_DEVICE", "meta")
+    sent_away = []
+    fill_caches = prepare.fill_caches
+
+    def watched(*args):
+        caches = fill_caches(*args)
+        sent_away.extend((type(cache._model()).__name__, cache.offloaded) for cache in caches)
+        return caches
+
+    monkeypatch.setattr(training, "fill_caches", watched)
     cached = train(make_config(tiny_model, instance_dir, tmp_path / "cached", **options))
+    assert sent_away == [("AutoencoderKL", True), ("CLIPTextModel", True)]
     assert losses(cached) == pytest.approx(losses(plain), rel=1e-5)
 
 
