@@ -47,7 +47,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from dreambooth.config import TrainConfig
-    from dreambooth.memory import estimate_run, write_reference_configs
+    from dreambooth.memory import estimate_run
+    from dreambooth.meta_models import write_reference_configs
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from dreambooth.activations import GpuCompute, trace_activations
 from dreambooth.config import TrainConfig
-from dreambooth.memory import empty_models, estimate_for_config, estimate_memory, write_reference_configs
+from dreambooth.memory import estimate_for_config, estimate_memory
+from dreambooth.meta_models import empty_models, write_reference_configs
 
 from conftest import TINY_RESOLUTION
 from test_memory import MODELS, prepared, train_config
