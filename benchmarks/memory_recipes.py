@@ -3,7 +3,7 @@
     python benchmarks/memory_recipes.py [--markdown]
 
 Nothing is trained and no weights are read: the UNet, VAE and text encoders are built from SD 1.5's and SDXL's
-published configs on the meta device (`memory.write_reference_configs`), exactly as `dreambooth train ...
+published configs on the meta device (`meta_models.write_reference_configs`), exactly as `dreambooth train ...
 --estimate-memory` builds them, with 5 instance photos and prior preservation (200 class images, so 2 images per
 step). The peak leaves out the CUDA context and allocator slack (see the printout's notes): keep 1-2 GB of margin.
 """
