@@ -111,3 +111,16 @@ def test_size_time_ids_are_original_size_crop_corner_and_target_per_example():
     assert size_time_ids([], [], 32).shape == (0, 6)
     with pytest.raises(ValueError, match="2 original sizes but 1 crop"):
         size_time_ids([(40, 60), (40, 60)], [(0, 0)], 32)
+
+
+def test_caches_take_their_inputs_on_the_cpu_and_models_on_the_step_device(tiny_model):
+    """A cache keys inputs by their values: handed GPU tensors it would read them back every step."""
+    from diffusers import AutoencoderKL
+
+    from dreambooth.caches import CachedTextEncoder, CachedVAE
+    from dreambooth.encoding import input_device
+
+    vae = AutoencoderKL.from_pretrained(tiny_model / "vae")
+    assert input_device(vae, "cuda") == "cuda"
+    assert input_device(CachedVAE(vae), "cuda") == "cpu"
+    assert input_device(CachedTextEncoder(torch.nn.Linear(1, 1)), "cuda") == "cpu"

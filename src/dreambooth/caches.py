@@ -76,6 +76,9 @@ class _Offloadable:
 
     _home: torch.device | None = None  # where the model computes; set by the first offload
     _away: torch.device | None = None  # where offload put it; None when it is not offloaded
+    # Inputs come on the CPU (encoding.input_device): keys are read there, without waiting for a GPU; a miss
+    # sends its input to the model's device, and every answer lives there.
+    keys_inputs_on_cpu = True
 
     def _model(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -136,7 +139,7 @@ class CachedVAE(_Offloadable):
     def fill(self, images: Iterable[torch.Tensor]) -> None:
         """Encode these images now (each alone, as a step would), so the steps find them all cached."""
         for image in images:
-            self.encode(image[None].to(device=self.device, dtype=self.vae.dtype))
+            self.encode(image[None].to(dtype=self.vae.dtype))  # keyed on the CPU, like the step's inputs
 
     def encode(self, pixel_values: torch.Tensor) -> EncodeOutput:
         means, stds = [], []
@@ -259,7 +262,7 @@ class CachedTextEncoder(_Offloadable):
         """Encode these rows of token ids now, each alone, as the step will call the encoder: SD calls it with
         output_hidden_states=False, SDXL both encoders with True (`fill_prompts` does it for a step's models)."""
         for row in token_ids:
-            self._entry(row.to(self.device), output_hidden_states)
+            self._entry(row.cpu(), output_hidden_states)
 
     def __call__(self, token_ids: torch.Tensor, output_hidden_states: bool = False):
         return _stack_outputs([self._entry(row, output_hidden_states) for row in token_ids])

@@ -14,12 +14,18 @@ from dreambooth.errors import UserError
 
 def encode_images(vae, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample latents for images in [-1, 1], scaled the way the UNet was trained (the VAE config says how)."""
-    distribution = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    distribution = vae.encode(pixel_values.to(device=input_device(vae, vae.device), dtype=vae.dtype)).latent_dist
     # Draw on the generator's device so a seeded run gives the same latents on any accelerator.
     noise = torch.randn(distribution.mean.shape, generator=generator, device=generator.device if generator else "cpu")
     latents = distribution.mean + distribution.std * noise.to(distribution.mean)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
+
+
+def input_device(model, device: torch.device | str) -> torch.device | str:
+    """Where `model` takes its inputs: a cache (caches.py) keys them by their values on the CPU, and reading
+    them back from a GPU would make every step wait for it; a model takes them on `device`."""
+    return "cpu" if getattr(model, "keys_inputs_on_cpu", False) else device
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
@@ -35,7 +41,7 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
 
 def encode_prompts(text_encoder, tokenizer, prompts: list[str], device: torch.device) -> torch.Tensor:
     """The per-token hidden states the UNet cross-attends to (the encoder may be wrapped for multi-GPU)."""
-    token_ids = tokenize(tokenizer, prompts).to(device)
+    token_ids = tokenize(tokenizer, prompts).to(input_device(text_encoder, device))
     return text_encoder(token_ids)[0]
 
 
@@ -47,7 +53,8 @@ def encode_prompts_sdxl(text_encoders: list, tokenizers: list, prompts: list[str
     hidden_states = []
     for text_encoder, tokenizer in zip(text_encoders, tokenizers, strict=True):
         # Call the module itself (not its submodules) so an accelerate/DDP wrapper still syncs gradients.
-        outputs = text_encoder(tokenize(tokenizer, prompts).to(device), output_hidden_states=True)
+        outputs = text_encoder(tokenize(tokenizer, prompts).to(input_device(text_encoder, device)),
+                               output_hidden_states=True)
         # SDXL reads the penultimate layer, before the final layer norm, for every encoder.
         hidden_states.append(outputs.hidden_states[-2])
     # Only the last encoder (SDXL's OpenCLIP bigG, a CLIPTextModelWithProjection) projects its pooled state.
