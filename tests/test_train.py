@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from dreambooth.prepare import learning_rate_schedule
 from dreambooth.train import needs_checkpoint, needs_validation, sample_ids, step_generator, train
 
 from conftest import TINY_RESOLUTION, write_images
-from test_optimizers import RATES, installed, runnable
+from test_optimizers import RATES, runnable
 
 
 def make_config(model: Path, instance_dir: Path, output: Path, **overrides) -> TrainConfig:
@@ -273,11 +274,14 @@ def test_fp16_without_a_gpu_is_refused_before_anything_is_written(tiny_model, in
     assert not (tmp_path / "fp16").exists()
 
 
-@pytest.mark.skipif(installed("adamw8bit"), reason="tests the message shown when bitsandbytes is missing")
-def test_a_missing_optimizer_package_is_refused_before_anything_is_written(tiny_model, instance_dir, tmp_path):
-    with pytest.raises(UserError, match=r"--optimizer adamw8bit needs bitsandbytes \(pip install"):
-        train(make_config(tiny_model, instance_dir, tmp_path / "8bit", optimizer="adamw8bit"))
-    assert not (tmp_path / "8bit").exists()
+@pytest.mark.parametrize(("name", "package"), [("adamw8bit", "bitsandbytes"), ("prodigy", "prodigyopt"),
+                                               ("lion", "lion_pytorch")])
+def test_a_missing_optimizer_package_is_refused_before_anything_is_written(name, package, tiny_model, instance_dir,
+                                                                           tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, package, None)  # what an environment without it gives: ImportError
+    with pytest.raises(UserError, match=rf"--optimizer {name} needs .* \(pip install \"dreambooth\[(gpu|optimizers)\]"):
+        train(make_config(tiny_model, instance_dir, tmp_path / name, optimizer=name))
+    assert not (tmp_path / name).exists()
 
 
 # Losses of the first three steps of `test_expected_losses_of_three_steps`'s run, recorded from this code
