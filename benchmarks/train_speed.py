@@ -9,9 +9,11 @@ encoder frozen):
   a four-level VAE) at a tenth of its width, random weights, 256 px. Speed does not depend on weight values,
   and at these shapes the VAE encode is a share of the step like SD 1.5's at 512 px.
 Each configuration trains in its own process, so its peak resident memory is its own. A step's time is the
-difference of consecutive `seconds` in metrics.jsonl; the table shows medians after two warm-up steps, and
-ratios taken within this one run (machines are noisy: compare ratios, not times across runs). Each configuration
-runs `--repeats` times, alternating with the other; the wall time includes the cache's up-front encoding.
+difference of consecutive `seconds` in metrics.jsonl; the table shows medians after two warm-up steps. Each
+configuration runs `--repeats` times, alternating with the other (a round: one uncached run, then one cached);
+the speed-up is the median of the rounds' speed-ups, since a machine whose speed drifts over minutes slows both
+runs of a round alike (compare ratios, not times across runs). The wall time includes the cache's up-front
+encoding.
 
 On a GPU (`torch.cuda.is_available()`; not in `--quick`) a second table trains full-size architectures built
 from their reference configs (`write_reference_configs`) with random weights (`build_random_pipeline`): SD 1.5
@@ -323,7 +325,12 @@ def measure(name: str, root: Path, resolution: int, steps: int, threads: int, re
             shutil.copytree(root / folder, target)
     rounds = [{cache: run_configuration(name, cache, steps, threads, root, stand_in) for cache in (False, True)}
               for _ in range(repeats)]
-    return {cache: combine([one[cache] for one in rounds]) for cache in (False, True)}
+    combined = {cache: combine([one[cache] for one in rounds]) for cache in (False, True)}
+    # The speed-up of each round (an uncached run, then a cached one, seconds apart): this machine's speed
+    # drifts by 20% over minutes, which moves both runs of a round alike but not runs minutes apart.
+    combined["round_speedups"] = [one[False]["median_step_seconds"] / one[True]["median_step_seconds"]
+                                  for one in rounds]
+    return combined
 
 
 def measure_gpu_models(names: list[str], folder: Path, steps: int, threads: int, repeats: int,
@@ -420,7 +427,7 @@ def main() -> None:
         walls = f"{plain['wall_seconds']:.1f} / {cached['wall_seconds']:.1f}"
         print(f"{name:<11} {plain['median_step_seconds'] * 1e3:>17.1f} {plain['vae_share']:>9.0%} "
               f"{cached['median_step_seconds'] * 1e3:>14.1f} "
-              f"{plain['median_step_seconds'] / cached['median_step_seconds']:>8.2f}x {walls:>20} "
+              f"{statistics.median(runs['round_speedups']):>8.2f}x {walls:>20} "
               f"{plain['peak_rss_mb']:>17.0f} {cached['peak_rss_mb']:>14.0f} {gap:>9.1e}")
     if gpu_results:
         print_gpu_table(gpu_results)
