@@ -179,6 +179,6 @@ def test_run_all_quick_mode_prints_both_tables_and_merges_their_json(tmp_path):
     assert "speed-up" in result.stdout and "vs baseline" in result.stdout
     merged = json.loads(output.read_text())
     assert merged["quick"] and merged["threads"] == 1
-    assert set(merged["train_speed"]["miniworld"]) == {"False", "True"}
+    assert set(merged["train_speed"]["miniworld"]) == {"False", "True", "round_speedups"}
     assert merged["class_images_speed"]["models"]["miniworld"]["configs"]["default"]["images"] == 4
     assert (tmp_path / "out" / "class-images" / "grid.png").exists()
