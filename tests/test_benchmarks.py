@@ -1,6 +1,6 @@
 """The benchmarks run (quick mode): the numbers themselves belong to benchmarks/, never to timed tests.
 
-Also the random-weight pipelines train_speed.py trains on a GPU (`build_random_pipeline`), and its GPU table's
+Also the random-weight pipelines train_speed.py trains on a GPU (random_models.py), and its GPU table's
 code path with miniature stand-ins on the CPU (`--gpu-models-on-cpu`); nothing here builds SD 1.5 or SDXL with
 weights (4.3 and 14 GB in fp32).
 """
@@ -23,9 +23,9 @@ from conftest import build_tiny_pipeline, build_tiny_sdxl_pipeline, require_ship
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_speed():
-    """benchmarks/train_speed.py as a module."""
-    spec = importlib.util.spec_from_file_location("train_speed", ROOT / "benchmarks" / "train_speed.py")
+def random_models():
+    """benchmarks/random_models.py as a module."""
+    spec = importlib.util.spec_from_file_location("random_models", ROOT / "benchmarks" / "random_models.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -87,7 +87,7 @@ def test_random_pipeline_from_reference_configs_alone_loads_with_their_parameter
 
     from dreambooth.meta_models import empty_models
 
-    module = train_speed()
+    module = random_models()
     reference = module.write_reference(tmp_path / "reference", name, stand_in=True)
     assert sorted(path.name for path in reference.iterdir()) == sorted(
         ["model_index.json", "unet", "vae", "text_encoder"] + (["text_encoder_2"] if name == "sdxl" else []))
@@ -115,7 +115,7 @@ def test_random_pipeline_keeps_the_references_tokenizers_and_scheduler(tmp_path,
     original_folder = builder(tmp_path / "original")
     reference = tmp_path / "reference"
     shutil.copytree(original_folder, reference, ignore=shutil.ignore_patterns("*.safetensors"))
-    pipeline = DiffusionPipeline.from_pretrained(train_speed().build_random_pipeline(reference, tmp_path / "random"))
+    pipeline = DiffusionPipeline.from_pretrained(random_models().build_random_pipeline(reference, tmp_path / "random"))
     original = DiffusionPipeline.from_pretrained(original_folder)
     assert parameter_counts(pipeline) == parameter_counts(original)
     assert pipeline.tokenizer.get_vocab() == original.tokenizer.get_vocab()
@@ -129,7 +129,7 @@ def test_random_pipeline_reads_the_full_size_references_without_weights(tmp_path
     SDXL's CLIP vocabularies."""
     from dreambooth.miniworld.components import build_tokenizer
 
-    module = train_speed()
+    module = random_models()
     reference = module.write_reference(tmp_path / "sd15", "sd15")
     assert not (reference / "tokenizer").exists() and not (reference / "scheduler").exists()
     with torch.device("meta"):
