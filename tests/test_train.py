@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -171,6 +172,29 @@ def test_losses_are_read_every_log_every_steps_and_every_step_is_recorded(tiny_m
                 for line in paths.metrics.read_text().splitlines()]
 
     assert numbers(every_third) == numbers(every_step) and len(numbers(every_step)) == 7
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_step_with_its_checkpoints_and_metrics_intact(
+        tiny_model, instance_dir, tmp_path):
+    config = make_config(tiny_model, instance_dir, tmp_path / "run", learning_rate=1e6, max_train_steps=8,
+                         checkpoint_every=1, keep_checkpoints=8, log_every=3)
+    stopped_at = r"^step (\d+): the (loss|gradient norm) is (nan|inf), training stopped"
+    with pytest.raises(UserError, match=stopped_at) as caught:
+        train(config)
+    stopped = int(caught.value.args[0].split(":")[0].removeprefix("step "))
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # valid JSON: no bare NaN
+    assert [record["step"] for record in records] == list(range(1, stopped))
+    assert all(math.isfinite(record["loss"]) for record in records)
+    checkpoints = sorted(path.name for path in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == [f"step-{step:06d}" for step in range(1, stopped)]  # none of a non-finite step
+    assert not (tmp_path / "run" / "pipeline").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_numbers_are_refused_by_name(value, tiny_model, instance_dir, tmp_path):
+    with pytest.raises(UserError, match=f"--learning-rate {float(value)}: must be a finite number"):
+        make_config(tiny_model, instance_dir, tmp_path / "run", learning_rate=float(value))
 
 
 class Crash(Exception):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
@@ -65,6 +66,8 @@ def validate_fields(config: Any) -> None:
         for number in numbers:
             if isinstance(number, bool) or not isinstance(number, (int, float)):
                 continue
+            if not math.isfinite(number):
+                raise UserError(f"{flag_name(spec.name)} {number}: must be a finite number")
             if rules.get("positive") and number <= 0:
                 raise UserError(f"{flag_name(spec.name)} {number}: must be greater than 0")
             if rules.get("non_negative") and number < 0:

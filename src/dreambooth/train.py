@@ -7,6 +7,7 @@ by (seed, s), so a run resumed from a checkpoint continues exactly as if it had 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,9 +207,20 @@ def write_metrics(pending: list[tuple[int, StepResult, float]], paths: RunPaths,
     """Read the pending steps' numbers off the device (one wait for the GPU), append them to metrics.jsonl
     (main process), and return the last step's loss."""
     records = [metrics_record(step, result, seconds) for step, result, seconds in pending]
+    broken = next((record for record in records if not all(math.isfinite(record[name]) for name in
+                                                            ("loss", "instance_loss", "prior_loss", "grad_norm")
+                                                            if record.get(name) is not None)), None)
     if accelerator.is_main_process:
-        for record in records:
+        for record in records[: records.index(broken) if broken else len(records)]:
             append_jsonl(paths.metrics, record)
+    if broken:
+        # Nothing after this step is saved: the newest checkpoint (and metrics.jsonl, always valid JSON) stay
+        # those of finite steps.
+        what = "loss" if not math.isfinite(broken["loss"]) else "gradient norm"
+        value = broken["loss"] if what == "loss" else broken["grad_norm"]
+        raise UserError(f"step {broken['step']}: the {what} is {value}, training stopped (nothing after step "
+                        f"{broken['step'] - 1} was saved); try a lower --learning-rate, --mixed-precision bf16 or no "
+                        "instead of fp16, or an fp16-safe --vae")
     return records[-1]["loss"]
 
 
