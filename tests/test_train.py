@@ -291,6 +291,23 @@ def test_resume_with_other_settings_is_refused(tiny_model, instance_dir, tmp_pat
                           learning_rate=1e-4))
 
 
+def test_resume_goes_by_what_paths_name_and_follows_a_moved_run(tiny_model, instance_dir, tmp_path, monkeypatch):
+    """The same folder spelled otherwise (relative, then absolute with a slash) and a run folder moved elsewhere resume;
+    the moved run ends bit for bit where an uninterrupted one does."""
+    import shutil
+
+    straight = train(make_config(tiny_model, instance_dir, tmp_path / "straight", max_train_steps=3))
+    monkeypatch.chdir(instance_dir.parent)
+    first = make_config(tiny_model, Path(instance_dir.name), Path("run"), max_train_steps=3, checkpoint_every=1)
+    _train_until(first, stop_after=2)
+    shutil.move("run", tmp_path / "moved")
+    resumed = train(make_config(tiny_model, f"{instance_dir}/", tmp_path / "moved", max_train_steps=3,
+                                checkpoint_every=1, resume=True))  # absolute, with a slash, where it was relative
+    assert max_difference(weights(straight.pipeline, "unet"), weights(resumed.pipeline, "unet")) == 0.0
+    records = [json.loads(line) for line in resumed.metrics.read_text().splitlines()]
+    assert [record["step"] for record in records] == [1, 2, 3]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only without a GPU")
 def test_fp16_without_a_gpu_is_refused_before_anything_is_written(tiny_model, instance_dir, tmp_path):
     with pytest.raises(UserError, match="--mixed-precision fp16 needs a GPU"):

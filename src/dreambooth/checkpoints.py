@@ -8,6 +8,7 @@ accelerate reads optimizer and RNG files with `torch.load(weights_only=True)`, s
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -21,10 +22,14 @@ from dreambooth.files import atomic_write_text, move_aside, read_jsonl, replace_
 STEP_FOLDER = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "state.json"
 # Settings that may change between a run and its resumption without making it a different run.
-RESUMABLE_CHANGES = {
+RESUMABLE_CHANGES = {  # settings that do not change what the steps compute
     "resume", "overwrite", "max_train_steps", "save_pipeline_at", "checkpoint_every", "keep_checkpoints",
     "validation_prompt", "validation_every", "validation_seeds", "validation_sampling_steps",
+    "output",  # a run folder moved or copied elsewhere resumes there
+    "log_every", "save_dtype", "latent_cache_dir", "estimate_memory",
 }
+# Settings that name files: compared by what they point at, not by spelling ("inst", "./inst/", its absolute path).
+PATH_SETTINGS = {"model", "instance_dir", "instance_mask_dir", "class_dir", "vae", "model_config"}
 
 
 @dataclass(frozen=True)
@@ -117,11 +122,23 @@ def claim_run_folder(paths: RunPaths, settings: dict[str, Any], resume: bool, ov
     stored = yaml.safe_load(paths.config.read_text()) or {}
     changed = sorted(
         key for key, value in settings.items()
-        if key not in RESUMABLE_CHANGES and key in stored and stored[key] != value
+        if key not in RESUMABLE_CHANGES and key in stored and not same_setting(key, stored[key], value)
     )
     if changed:
         details = ", ".join(f"{key}: {stored[key]!r} -> {settings[key]!r}" for key in changed[:4])
         raise UserError(f"--resume: {root} was trained with other settings ({details}); use a new --output")
+
+
+def same_setting(key: str, stored: Any, given: Any) -> bool:
+    """Whether a resumed run's setting is the recorded one; a path (an existing file or folder) by what it names,
+    anything else (a hub id, a number) as it is written."""
+    if key in PATH_SETTINGS and isinstance(stored, str) and isinstance(given, str):
+        return canonical_path(stored) == canonical_path(given)
+    return stored == given
+
+
+def canonical_path(value: str) -> str:
+    return os.path.realpath(value) if os.path.exists(value) else value
 
 
 def save_checkpoint(accelerator, paths: RunPaths, step: int, keep: int) -> Path:
