@@ -284,6 +284,21 @@ def test_output_holding_another_run_is_refused_then_moved_aside(tiny_model, inst
     assert (moved / "pipeline" / "model_index.json").is_file() and (moved / "metrics.jsonl").is_file()
 
 
+def test_overwrite_over_a_folder_of_someone_elses_files_moves_every_one_aside_untouched(tiny_model, instance_dir,
+                                                                                       tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    theirs = {"README.md": b"# my notes\n", "metrics.jsonl": b"not ours\n", "photo.bin": bytes(range(256))}
+    for name, data in theirs.items():
+        (folder / name).write_bytes(data)
+    with pytest.raises(UserError, match="not a dreambooth run .* or pass --overwrite"):
+        train(make_config(tiny_model, instance_dir, folder, max_train_steps=1))
+    paths = train(make_config(tiny_model, instance_dir, folder, max_train_steps=1, overwrite=True))
+    (moved,) = folder.glob("replaced-*")
+    assert {path.name: path.read_bytes() for path in moved.iterdir()} == theirs  # byte for byte, nothing lost
+    assert len(paths.metrics.read_text().splitlines()) == 1 and "my notes" not in paths.model_card.read_text()
+
+
 def test_resume_with_other_settings_is_refused(tiny_model, instance_dir, tmp_path):
     train(make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=1))
     with pytest.raises(UserError, match="learning_rate"):

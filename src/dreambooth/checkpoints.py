@@ -85,10 +85,6 @@ class RunPaths:
     def validation_step(self, step: int) -> Path:
         return self.validation / f"step-{step:06d}"
 
-    def owned_names(self) -> list[str]:
-        """Top-level entries a run writes: what --overwrite moves aside."""
-        return [p.name for p in (self.config, self.pipeline, self.pipeline_at(0).parent, self.lora, self.metrics,
-                                 self.loss_plot, self.model_card, self.checkpoints, self.validation)]
 
 
 def is_trained_model(folder: Path) -> bool:
@@ -103,18 +99,20 @@ def claim_run_folder(paths: RunPaths, settings: dict[str, Any], resume: bool, ov
     root = paths.root
     if root.exists() and not root.is_dir():
         raise UserError(f"--output {root}: exists and is not a folder")
+    if overwrite:
+        # Everything the folder holds, ours or not: a file we did not write is never opened for writing.
+        held = [p.name for p in root.iterdir() if not p.name.startswith("replaced-")] if root.is_dir() else []
+        moved = move_aside(root, held)
+        if moved:
+            print(f"--overwrite: moved what {root} held to {moved}")
+        return
     if not paths.config.is_file():
         leftovers = [p.name for p in root.iterdir() if not p.name.startswith(".")] if root.is_dir() else []
-        if leftovers and not overwrite:
+        if leftovers:
             raise UserError(
                 f"--output {root}: holds files that are not a dreambooth run ({', '.join(sorted(leftovers)[:3])}); "
-                "pick an empty or new folder"
+                "pick an empty or new folder, or pass --overwrite to move them aside"
             )
-        return
-    if overwrite:
-        moved = move_aside(root, paths.owned_names())
-        if moved:
-            print(f"--overwrite: moved the previous run's files to {moved}")
         return
     if not resume:
         raise UserError(f"--output {root}: already holds a run; "
