@@ -84,6 +84,7 @@ def test_every_bad_input_is_one_line_and_exit_status_2(tiny_model, instance_dir,
         assert "Traceback" not in result.stderr, (args, result.stderr)
         assert any(expected in line for line in lines), (expected, result.stderr)
         assert sum("error" in line for line in lines) == 1, result.stderr
+    assert [path.name for path in (tmp_path / "other-run").iterdir()] == ["config.yaml"]  # nothing added
     assert (tmp_path / "other-run" / "config.yaml").read_text() == "model: x\n"  # untouched
 
 

@@ -299,6 +299,35 @@ def test_overwrite_over_a_folder_of_someone_elses_files_moves_every_one_aside_un
     assert len(paths.metrics.read_text().splitlines()) == 1 and "my notes" not in paths.model_card.read_text()
 
 
+def test_one_writer_per_run_folder_and_a_dead_writers_lock_is_taken_over(tiny_model, instance_dir, tmp_path,
+                                                                           capsys):
+    import os
+    import signal
+    import subprocess
+
+    folder = tmp_path / "run"
+    writer = subprocess.Popen([sys.executable, "-m", "dreambooth", "train", "--model", str(tiny_model),
+                               "--instance-dir", str(instance_dir), "--instance-prompt", "a photo of miru cat",
+                               "--resolution", str(TINY_RESOLUTION), "--max-train-steps", "100000",
+                               "--output", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not ((folder / ".lock").is_file() and (folder / ".lock").read_text()):
+            assert time.monotonic() < deadline and writer.poll() is None, "the first train never took the lock"
+            time.sleep(0.2)
+        with pytest.raises(UserError, match=rf"--output .*: process {writer.pid} on .* is writing it"):
+            train(make_config(tiny_model, instance_dir, folder, max_train_steps=1, overwrite=True))
+    finally:
+        writer.send_signal(signal.SIGKILL)  # dies holding the lock: the system releases it, the note stays
+        writer.wait()
+    capsys.readouterr()
+    paths = train(make_config(tiny_model, instance_dir, folder, max_train_steps=1, overwrite=True))
+    assert f"process {writer.pid} on" in capsys.readouterr().err  # "... stopped without releasing it; taking over"
+    assert len(paths.metrics.read_text().splitlines()) == 1
+    assert not (folder / ".lock").exists()  # released when the run ended
+
+
 def test_resume_with_other_settings_is_refused(tiny_model, instance_dir, tmp_path):
     train(make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=1))
     with pytest.raises(UserError, match="learning_rate"):
@@ -334,7 +363,8 @@ def test_fp16_without_a_gpu_is_refused_before_anything_is_written(tiny_model, in
                                                ("lion", "lion_pytorch")])
 def test_a_missing_optimizer_package_is_refused_before_anything_is_written(name, package, tiny_model, instance_dir,
                                                                            tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, package, None)  # what an environment without it gives: ImportError
+    for module in [package] + [name for name in sys.modules if name.startswith(package + ".")]:
+        monkeypatch.setitem(sys.modules, module, None)  # what an environment without it gives: ImportError
     with pytest.raises(UserError, match=rf"--optimizer {name} needs .* \(pip install \"dreambooth\[(gpu|optimizers)\]"):
         train(make_config(tiny_model, instance_dir, tmp_path / name, optimizer=name))
     assert not (tmp_path / name).exists()

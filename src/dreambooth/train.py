@@ -6,6 +6,7 @@ by (seed, s), so a run resumed from a checkpoint continues exactly as if it had 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from dreambooth import __version__, lora, seeds
 from dreambooth.artifacts import write_loss_plot, write_model_card
-from dreambooth.checkpoints import (RunPaths, claim_run_folder, load_latest_checkpoint, save_checkpoint,
+from dreambooth.checkpoints import (RunPaths, claim_run_folder, load_latest_checkpoint, run_lock, save_checkpoint,
                                     save_only_trainable_weights, truncate_metrics)
 from dreambooth.class_images import top_up_class_images
 from dreambooth.config import TrainConfig, class_images_config
@@ -53,16 +54,25 @@ class StepResult:
 
 
 def train(config: TrainConfig) -> RunPaths:
-    """Fine-tune `config.model` on the instance images and write a RUN folder; return its paths. Running out
-    of GPU memory ends in one line (a UserError) with what the run needs and the switches that would fit it."""
-    try:
-        return train_run(config)
-    except torch.cuda.OutOfMemoryError as error:  # torch.OutOfMemoryError from torch 2.5 on; this name in 2.4 too
-        from dreambooth.memory import out_of_memory_message
+    """Fine-tune `config.model` on the instance images and write a RUN folder; return its paths. A second
+    process on the same folder, or running out of GPU memory, ends in one line (a UserError)."""
+    from accelerate import PartialState
 
-        device = default_device()
-        total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-        raise UserError(out_of_memory_message(config, total, str(error))) from error
+    # One writer per run folder: the main process holds its lock for the whole run.
+    with run_lock(Path(config.output)) if PartialState().is_main_process else contextlib.nullcontext():
+        try:
+            return train_run(config)
+        except torch.cuda.OutOfMemoryError as error:  # torch.OutOfMemoryError from torch 2.5 on; this name in 2.4 too
+            raise UserError(out_of_memory_line(config, error)) from error
+
+
+def out_of_memory_line(config: TrainConfig, error: Exception) -> str:
+    """The one line an out-of-memory error ends with: what the run needs, what the GPU has, what would fit."""
+    from dreambooth.memory import out_of_memory_message
+
+    device = default_device()
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    return out_of_memory_message(config, total, str(error))
 
 
 def train_run(config: TrainConfig) -> RunPaths:
