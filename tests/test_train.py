@@ -197,6 +197,26 @@ def test_non_finite_numbers_are_refused_by_name(value, tiny_model, instance_dir,
         make_config(tiny_model, instance_dir, tmp_path / "run", learning_rate=float(value))
 
 
+def test_resume_skips_a_damaged_newest_checkpoint_for_the_one_before(tiny_model, instance_dir, tmp_path, capsys):
+    straight = train(make_config(tiny_model, instance_dir, tmp_path / "straight", max_train_steps=3))
+    interrupted = make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=3, checkpoint_every=1,
+                              keep_checkpoints=2)
+    _train_until(interrupted, stop_after=2)
+    (weights_file,) = (tmp_path / "run" / "checkpoints" / "step-000002").glob("model*.safetensors")
+    weights_file.write_bytes(weights_file.read_bytes()[:1000])  # truncated, as a full disk or a crash leaves it
+    interrupted.resume = True
+    resumed = train(interrupted)
+    assert "step-000002 is damaged" in capsys.readouterr().err
+    assert max_difference(weights(straight.pipeline, "unet"), weights(resumed.pipeline, "unet")) == 0.0
+    assert [json.loads(line)["step"] for line in resumed.metrics.read_text().splitlines()] == [1, 2, 3]
+    for folder in (tmp_path / "run" / "checkpoints").iterdir():  # now every checkpoint is damaged: one line
+        for file in folder.glob("model*.safetensors"):
+            file.write_bytes(b"garbage")
+    interrupted.max_train_steps = 4
+    with pytest.raises(UserError, match=r"--resume: none of the 2 checkpoints in .* loads"):
+        train(interrupted)
+
+
 class Crash(Exception):
     pass
 

@@ -220,18 +220,33 @@ def list_checkpoints(paths: RunPaths) -> list[tuple[int, Path]]:
 
 
 def load_latest_checkpoint(accelerator, paths: RunPaths, partial_models: list | None = None) -> int:
-    """Restore the newest checkpoint into the prepared objects; return its step (0 when there is none).
+    """Restore the newest checkpoint that loads into the prepared objects; return its step (0 when there is
+    none). A damaged one (a truncated or garbled file) is skipped with a warning for the one before it, which
+    then overwrites whatever the damaged one had loaded.
 
     `partial_models` (LoRA runs, see `save_only_trainable_weights`): the prepared models, whose checkpoint
     files hold only their trainable weights; every one of those must be there.
     """
     checkpoints = list_checkpoints(paths)
-    if not checkpoints:
-        return 0
-    step, folder = checkpoints[-1]
+    for step, folder in reversed(checkpoints):
+        try:
+            load_checkpoint(accelerator, folder, partial_models)
+            return step
+        except UserError:
+            raise
+        except Exception as error:  # noqa: BLE001 - whatever a damaged file makes torch or safetensors raise
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            print(f"--resume: {folder} is damaged ({reason}); trying the checkpoint before it", file=sys.stderr)
+    if checkpoints:
+        raise UserError(f"--resume: none of the {len(checkpoints)} checkpoints in {paths.checkpoints} loads; "
+                        "start afresh with --overwrite")
+    return 0
+
+
+def load_checkpoint(accelerator, folder: Path, partial_models: list | None) -> None:
     if partial_models is None:
         accelerator.load_state(str(folder))
-        return step
+        return
     from safetensors import safe_open
 
     for index, model in enumerate(partial_models):
@@ -242,7 +257,6 @@ def load_latest_checkpoint(accelerator, paths: RunPaths, partial_models: list | 
             raise UserError(f"--resume: {file} lacks trained weights ({sorted(missing)[0]}, ...); "
                             "it was written by another kind of run: use a new --output")
     accelerator.load_state(str(folder), strict=False)
-    return step
 
 
 def trainable_names(model) -> set[str]:
