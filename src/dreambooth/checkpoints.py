@@ -24,8 +24,9 @@ from dreambooth.files import atomic_write_text, move_aside, read_jsonl, replace_
 
 STEP_FOLDER = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "state.json"
-# Settings that may change between a run and its resumption without making it a different run.
-RESUMABLE_CHANGES = {  # settings that do not change what the steps compute
+# Settings that may change between a run and its resumption without making it a different run (they do not
+# change what the steps compute).
+RESUMABLE_CHANGES = {
     "resume", "overwrite", "max_train_steps", "save_pipeline_at", "checkpoint_every", "keep_checkpoints",
     "validation_prompt", "validation_every", "validation_seeds", "validation_sampling_steps",
     "output",  # a run folder moved or copied elsewhere resumes there
@@ -89,7 +90,6 @@ class RunPaths:
         return self.validation / f"step-{step:06d}"
 
 
-
 def is_trained_model(folder: Path) -> bool:
     """A complete pipeline or LoRA folder (both are written atomically, so a present one is whole)."""
     return (folder / "model_index.json").is_file() or lora.is_lora_folder(folder)
@@ -140,7 +140,8 @@ def run_lock(root: Path) -> Iterator[None]:
 
 
 def claim_run_folder(paths: RunPaths, settings: dict[str, Any], resume: bool, overwrite: bool) -> None:
-    """Refuse to write over another run; with --overwrite move its files aside; with --resume check it is this run."""
+    """Refuse to write over another run or someone's files; with --overwrite move everything the folder holds
+    aside; with --resume check it is this run."""
     import yaml
 
     root = paths.root
