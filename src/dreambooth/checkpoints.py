@@ -7,20 +7,18 @@ accelerate reads optimizer and RNG files with `torch.load(weights_only=True)`, s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dreambooth import lora
 from dreambooth.errors import UserError
-from dreambooth.files import atomic_write_text, move_aside, read_jsonl, replace_dir, write_jsonl
+from dreambooth.files import LOCK_FILE, atomic_write_text, move_aside, read_jsonl, replace_dir, write_jsonl
 
 STEP_FOLDER = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "state.json"
@@ -93,50 +91,6 @@ class RunPaths:
 def is_trained_model(folder: Path) -> bool:
     """A complete pipeline or LoRA folder (both are written atomically, so a present one is whole)."""
     return (folder / "model_index.json").is_file() or lora.is_lora_folder(folder)
-
-
-LOCK_FILE = ".lock"  # in the run folder: who is writing it
-
-
-@contextlib.contextmanager
-def run_lock(root: Path) -> Iterator[None]:
-    """Make this process the one writer of the run folder `root` for the block, or fail in one line naming the
-    process that is. An advisory lock (flock) that the system drops when its holder dies, even by kill -9: a lock
-    left behind by a dead run (its file still names it) is taken over with a note. The lock file goes when the
-    block ends, and a folder created for it goes too if nothing else was written."""
-    import fcntl
-    import socket
-
-    if root.exists() and not root.is_dir():
-        raise UserError(f"--output {root}: exists and is not a folder")
-    created = not root.exists()
-    root.mkdir(parents=True, exist_ok=True)
-    handle = open(root / LOCK_FILE, "a+")  # writes append: the file is emptied before each one
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "another process"
-        handle.close()
-        raise UserError(f"--output {root}: {owner} is writing it; wait for it to end or pick another --output"
-                        ) from None
-    try:
-        handle.seek(0)
-        if previous := handle.read().strip():
-            print(f"--output {root}: {previous} stopped without releasing it; taking over", file=sys.stderr)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"process {os.getpid()} on {socket.gethostname()}")
-        handle.flush()
-        yield
-    finally:
-        # Removed while still held: a process that opened it meanwhile was refused, one that opens the path
-        # now makes a new file. A run refused before writing anything leaves the folder as it found it.
-        (root / LOCK_FILE).unlink(missing_ok=True)
-        if created and not any(root.iterdir()):
-            root.rmdir()
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
 
 
 def claim_run_folder(paths: RunPaths, settings: dict[str, Any], resume: bool, overwrite: bool) -> None:

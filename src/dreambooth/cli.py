@@ -19,6 +19,7 @@ from dreambooth import __version__
 from dreambooth.config import (ClassImagesConfig, EvaluateConfig, ExportConfig, GenerateConfig, ReportConfig,
                                SweepConfig, TrainConfig)
 from dreambooth.errors import UserError
+from dreambooth.interrupts import Stopped
 from dreambooth.miniworld.demo import DemoConfig  # the application shell may import the demo; the core never does
 from dreambooth.options import RENAMED, build_config, cli_fields, flag_name, load_config_file
 
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"dreambooth {args.command}: error: {error}", file=sys.stderr)
         return USER_MISTAKE
+    except Stopped as stop:
+        print(f"dreambooth {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_status
     except KeyboardInterrupt:
         print(f"dreambooth {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -10,11 +10,14 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from dreambooth.errors import UserError
 
 MANIFEST = "manifest.jsonl"  # beside a folder of images (generate, class images): one JSON line per image
 
@@ -112,6 +115,50 @@ def locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+LOCK_FILE = ".lock"  # in a folder being written (a run, a generation, class images, a sweep): who is writing it
+
+
+@contextlib.contextmanager
+def folder_lock(root: Path, flag: str = "--output") -> Iterator[None]:
+    """Make this process the one writer of the folder `root` (given by `flag`) for the block, or fail in one line
+    naming the process that is. An advisory lock (flock) that the system drops when its holder dies, even by
+    kill -9: a lock left behind by a dead run (its file still names it) is taken over with a note. The lock file
+    goes when the block ends, and a folder created for it goes too if nothing else was written."""
+    import fcntl
+    import socket
+
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{flag} {root}: exists and is not a folder")
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    handle = open(root / LOCK_FILE, "a+")  # writes append: the file is emptied before each one
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(f"{flag} {root}: {owner} is writing it; wait for it to end or pick another {flag}"
+                        ) from None
+    try:
+        handle.seek(0)
+        if previous := handle.read().strip():
+            print(f"{flag} {root}: {previous} stopped without releasing it; taking over", file=sys.stderr)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        yield
+    finally:
+        # Removed while still held: a process that opened it meanwhile was refused, one that opens the path
+        # now makes a new file. A run refused before writing anything leaves the folder as it found it.
+        (root / LOCK_FILE).unlink(missing_ok=True)
+        if created and not any(root.iterdir()):
+            root.rmdir()
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def move_aside(folder: Path, names: list[str]) -> Path | None:

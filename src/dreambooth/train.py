@@ -19,12 +19,12 @@ from tqdm.auto import tqdm
 
 from dreambooth import __version__, lora, seeds
 from dreambooth.artifacts import write_loss_plot, write_model_card
-from dreambooth.checkpoints import (RunPaths, claim_run_folder, load_latest_checkpoint, run_lock, save_checkpoint,
+from dreambooth.checkpoints import (RunPaths, claim_run_folder, load_latest_checkpoint, save_checkpoint,
                                     save_only_trainable_weights, truncate_metrics)
 from dreambooth.class_images import top_up_class_images
 from dreambooth.config import TrainConfig, class_images_config
 from dreambooth.data import DreamBoothData, load_examples, load_masks
-from dreambooth.files import append_jsonl, atomic_dir, atomic_write_text
+from dreambooth.files import append_jsonl, atomic_dir, atomic_write_text, folder_lock
 from dreambooth.errors import UserError
 from dreambooth.models import (Components, assemble_pipeline, check_trainable, default_device, load_components,
                                load_pipeline, native_resolution, resolve_model)
@@ -59,7 +59,7 @@ def train(config: TrainConfig) -> RunPaths:
     from accelerate import PartialState
 
     # One writer per run folder: the main process holds its lock for the whole run.
-    with run_lock(Path(config.output)) if PartialState().is_main_process else contextlib.nullcontext():
+    with folder_lock(Path(config.output)) if PartialState().is_main_process else contextlib.nullcontext():
         try:
             return train_run(config)
         except torch.cuda.OutOfMemoryError as error:  # torch.OutOfMemoryError from torch 2.5 on; this name in 2.4 too
