@@ -25,10 +25,12 @@ STATE_FILE = "state.json"
 # Settings that may change between a run and its resumption without making it a different run (they do not
 # change what the steps compute).
 RESUMABLE_CHANGES = {
-    "resume", "overwrite", "max_train_steps", "save_pipeline_at", "checkpoint_every", "keep_checkpoints",
+    "resume", "overwrite", "max_train_steps", "save_pipeline_at", "checkpoint_every", "checkpoint_minutes",
+    "keep_checkpoints",
     "validation_prompt", "validation_every", "validation_seeds", "validation_sampling_steps",
     "output",  # a run folder moved or copied elsewhere resumes there
     "log_every", "save_dtype", "latent_cache_dir", "estimate_memory",
+    "on_nan",  # a run stopped by a NaN resumes with --on-nan skip
 }
 # Settings that name files: compared by what they point at, not by spelling ("inst", "./inst/", its absolute path).
 PATH_SETTINGS = {"model", "instance_dir", "instance_mask_dir", "class_dir", "vae", "model_config"}

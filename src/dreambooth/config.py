@@ -18,6 +18,7 @@ DEFAULT_LORA_LEARNING_RATE = 1e-4  # LoRA adapters learn from zero and need a fa
 PRODIGY_LEARNING_RATE = 1.0  # Prodigy finds its own step size; the rate multiplies it
 EXPORT_FORMATS = ("single-file", "kohya", "diffusers")
 EXPORT_DTYPES = ("fp16", "bf16", "fp32")
+ON_NAN_CHOICES = ("stop", "skip")  # --on-nan
 SAVE_DTYPES = ("fp32", "fp16", "bf16")
 OPTIMIZER_NAMES = ("adamw", "adamw8bit", "adafactor", "prodigy", "lion")  # optimizers.py makes each
 
@@ -139,6 +140,9 @@ class TrainConfig:
         [], "Also save the trained weights (a pipeline, or a LoRA run's LoRA folder) at these steps, in "
             "RUN/pipelines/step-NNNNNN/ (sweeps use this).")
     checkpoint_every: int = option(0, "Save a resumable checkpoint every N steps (0: never).", non_negative=True)
+    checkpoint_minutes: float = option(
+        10.0, "Also save a resumable checkpoint after every M minutes of training (0: never). A checkpoint is "
+              "always saved at the last step, and when SIGTERM or Ctrl-C stops the run.", non_negative=True)
     keep_checkpoints: int = option(2, "Keep only the newest K checkpoints.", positive=True)
     resume: bool = option(False, "Continue the run in --output from its newest checkpoint.")
     overwrite: bool = option(
@@ -148,6 +152,9 @@ class TrainConfig:
     validation_seeds: list[int] = option([0, 1], "Seeds of the validation images.")
     validation_sampling_steps: int = option(25, "Sampling steps of validation images.", positive=True)
     seed: int = option(0, "Seed for data order, noise and timesteps: the same seed gives the same run.")
+    on_nan: str = option(
+        "stop", "A step whose loss or gradient is NaN or infinite: stop the run there (its last checkpoint intact), "
+                "or skip that update and go on (skips are counted in metrics.jsonl).", choices=ON_NAN_CHOICES)
     allow_pickle: bool = option(False, "Allow loading a pickled .ckpt model (runs code from the file).")
     estimate_memory: bool = option(
         False, "Print the GPU memory the run needs (weights, gradients, optimizer state, cached latents, and the "
