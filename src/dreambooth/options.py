@@ -35,6 +35,9 @@ RENAMED = {
 }
 
 
+RUN_RECORD = "_run"  # the key under which RUN/config.yaml records the run itself, beside its settings
+
+
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
            positive: bool = False, non_negative: bool = False, cli: bool = True, positional: bool = False) -> Any:
     """A dataclass field carrying its CLI help and simple validation rules (positional: `cmd VALUE`, not `--flag`)."""
@@ -102,6 +105,8 @@ def build_config(cls: type, file_values: dict[str, Any], overrides: dict[str, An
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for key, value in file_values.items():
+        if key == RUN_RECORD:
+            continue  # RUN/config.yaml's account of what the run was made from: it resumes with --config
         name = key.replace("-", "_")
         if name in RENAMED and RENAMED[name][0] in fields:
             raise UserError(f"{source}: key '{key}': {RENAMED[name][1]}")
