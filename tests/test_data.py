@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +164,39 @@ def test_truncated_jpeg_is_named(tmp_path):
     assert not ImageFile.LOAD_TRUNCATED_IMAGES  # the fix must not be a global switch
 
 
+def test_image_over_twice_the_pixel_limit_is_named_with_its_size_not_called_truncated(tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    solid(RED, (40, 30)).save(path)  # 1,200 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # PIL refuses above 2x: 1,000
+    with pytest.raises(UserError) as caught:
+        load_examples(tmp_path, "a photo of miru cat", "--instance-dir")
+    message = str(caught.value)
+    assert message.startswith(f"{path}: 1,200 pixels, more than the 1,000 PIL decodes")
+    assert "save the image smaller" in message and "no setting" in message and "truncated" not in message
+    assert "\n" not in message
+
+
+def test_image_between_one_and_two_times_the_pixel_limit_loads_without_a_warning(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    solid(RED, (40, 30)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL warns above 1x and still decodes
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = load_image(path)
+    assert image.size == (40, 30) and not caught
+
+
+def test_mask_over_the_pixel_limit_is_named_as_a_mask(tmp_path, monkeypatch):
+    photos, masks = tmp_path / "photos", tmp_path / "masks"
+    photos.mkdir(), masks.mkdir()
+    solid(RED, (40, 30)).save(photos / "a.png")
+    Image.new("L", (40, 30), 255).save(masks / "a.png")
+    photo = load_examples(photos, "p", "--instance-dir")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    with pytest.raises(UserError, match=r"masks/a.png: 1,200 pixels.*save the mask smaller"):
+        load_masks(photo, masks, "--instance-mask-dir")
+
+
 def test_text_renamed_png_is_named_by_load_examples(instance_dir):
     (instance_dir / "notes.png").write_text("this is not an image\n")
     with pytest.raises(UserError, match="notes.png: cannot read"):
@@ -211,6 +247,27 @@ def test_caption_txt_overrides_prompt(instance_dir):
     loaded = load_examples(instance_dir, "default", "--instance-dir")
     assert [e.prompt for e in loaded] == ["a photo of miru cat on a sofa", "default", "default"]
     assert all(e.image.mode == "RGB" for e in loaded)
+
+
+@pytest.mark.parametrize("raw, where", [
+    ("a photo of miru in a café".encode("latin-1"), r"byte 25 is 0xe9\)"),
+    (codecs.BOM_UTF8 + "café".encode("latin-1"), r"byte 7 is 0xe9\)"),  # counted in the file, BOM included
+    ("café".encode("utf-16"), r"byte 1 is 0xff, it is UTF-16\)"),
+    (b"\xff\xfe\x00bad", r"byte 1 is 0xff, it is UTF-16\)"),
+])
+def test_caption_that_is_not_utf8_is_one_line_naming_the_file_and_byte(instance_dir, raw, where):
+    images = list_images(instance_dir, "--instance-dir")
+    caption = images[1].with_suffix(".txt")
+    caption.write_bytes(raw)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(caption))}: not UTF-8 text \({where}; save it as UTF-8 or "
+                                        "remove it$"):
+        load_examples(instance_dir, "a photo of miru cat", "--instance-dir")
+
+
+def test_caption_with_a_utf8_bom_reads_without_it(instance_dir):
+    images = list_images(instance_dir, "--instance-dir")
+    images[0].with_suffix(".txt").write_bytes(codecs.BOM_UTF8 + "a photo of miru in a café".encode())
+    assert caption_for(images[0], "default") == "a photo of miru in a café"
 
 
 def test_load_examples_limit_takes_first_by_name(tmp_path):

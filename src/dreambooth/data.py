@@ -6,6 +6,9 @@ decoded once, up front, so a broken file stops the run before any GPU time is sp
 
 from __future__ import annotations
 
+import codecs
+import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,15 +53,32 @@ def load_image(path: Path) -> Image.Image:
 def _decode(path: Path, what: str, convert) -> Image.Image:
     """`convert` of the fully decoded, EXIF-oriented image at `path`, detached from the file."""
     try:
-        with Image.open(path) as opened:
-            # load() inside the try: Image.open only reads the header, truncation shows up when decoding.
-            opened.load()
-            image = convert(ImageOps.exif_transpose(opened))
-            if image is opened:
-                image = image.copy()  # detach from the file handle the with-block closes
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        with warnings.catch_warnings():
+            # PIL warns (two lines per size, naming its own source) between 1x and 2x its pixel limit and still
+            # decodes: a big camera photo is not an attack, and it is shrunk to the training resolution anyway.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                # load() inside the try: Image.open only reads the header, truncation shows up when decoding.
+                opened.load()
+                image = convert(ImageOps.exif_transpose(opened))
+                if image is opened:
+                    image = image.copy()  # detach from the file handle the with-block closes
+    except Image.DecompressionBombError as err:
+        raise UserError(_too_many_pixels(path, what, err)) from err
+    except (OSError, ValueError, SyntaxError) as err:
         raise UserError(f"{path}: cannot read this {what} (truncated or not an image); fix or remove it") from err
     return image
+
+
+def _too_many_pixels(path: Path, what: str, error: Image.DecompressionBombError) -> str:
+    """The line for an image over twice PIL's pixel limit, which PIL refuses to decode at all."""
+    # PIL raises before any pixel is read and keeps the size only in its message.
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    pixels = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    return (f"{path}: {pixels}, more than the {limit:,} PIL decodes (its guard against decompression bombs); "
+            f"save the {what} smaller (training shrinks it to --resolution anyway); dreambooth has no setting "
+            "to raise this limit")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -87,10 +107,18 @@ def caption_for(path: Path, default_prompt: str) -> str:
     if not caption_path.is_file():
         return default_prompt
     try:
-        # utf-8-sig: Windows Notepad starts files with a BOM that would otherwise become part of the prompt.
-        text = caption_path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{caption_path}: cannot read this caption; save it as UTF-8 text or remove it") from err
+        raw = caption_path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{caption_path}: cannot read this caption ({err.strerror or err}); fix or remove it") from err
+    bom = codecs.BOM_UTF8 if raw.startswith(codecs.BOM_UTF8) else b""
+    try:
+        # Windows Notepad starts files with a BOM, which would otherwise become part of the prompt.
+        text = raw[len(bom):].decode("utf-8")
+    except UnicodeDecodeError as err:
+        # Guessing another encoding could put wrong words in the prompt without a sign; point at the byte instead.
+        utf16 = ", it is UTF-16" if raw[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else ""
+        where = f"byte {len(bom) + err.start + 1} is {err.object[err.start]:#04x}"
+        raise UserError(f"{caption_path}: not UTF-8 text ({where}{utf16}); save it as UTF-8 or remove it") from err
     # Collapse line breaks and runs of spaces: an editor's trailing newline must not change the prompt.
     caption = " ".join(text.split())
     return caption or default_prompt
