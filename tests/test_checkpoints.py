@@ -43,9 +43,10 @@ def test_folder_with_foreign_files_is_refused(tmp_path):
 
 def test_truncate_metrics_drops_steps_to_be_redone_and_a_torn_line(tmp_path):
     paths = RunPaths(tmp_path)
-    lines = [json.dumps({"step": s, "loss": 1.0, "seconds": float(s)}) for s in (1, 2, 3)]
+    lines = [json.dumps({"step": s, "loss": 1.0, "seconds": float(s), **({"skipped_steps": s - 1} if s > 1 else {})})
+             for s in (1, 2, 3)]
     paths.metrics.write_text("\n".join(lines) + '\n{"step": 4, "lo')
-    assert truncate_metrics(paths, 3) == 3.0  # the seconds of the last line kept
-    assert truncate_metrics(paths, 2) == 2.0
+    assert truncate_metrics(paths, 3) == (3.0, 2)  # the seconds and skips of the last line kept
+    assert truncate_metrics(paths, 2) == (2.0, 1)
     assert [r["step"] for r in read_jsonl(paths.metrics)] == [1, 2]
-    assert truncate_metrics(paths, 0) == 0.0 and read_jsonl(paths.metrics) == []
+    assert truncate_metrics(paths, 0) == (0.0, 0) and read_jsonl(paths.metrics) == []

@@ -463,11 +463,10 @@ def test_on_two_processes_the_schedule_follows_the_optimizer_steps(schedule):
     assert rates(1)[:3] == pytest.approx([0.0, 0.5, 1.0])
 
 
-@pytest.mark.parametrize("every, expected", [(0, []), (1, [1, 2, 3, 4]), (2, [2, 4]), (3, [3])])
-def test_checkpoints_come_every_n_steps(every, expected):
+@pytest.mark.parametrize("every, expected", [(0, [5]), (1, [1, 2, 3, 4, 5]), (2, [2, 4, 5]), (3, [3, 5])])
+def test_checkpoints_come_every_n_steps_and_at_the_last(every, expected):
     config = TrainConfig(model="m", instance_dir="i", instance_prompt="p", output="o", max_train_steps=5,
                          checkpoint_every=every)
-    # The last step writes the pipeline instead (step 5 is never a checkpoint).
     assert [step for step in range(1, 6) if needs_checkpoint(step, config)] == expected
 
 

@@ -153,11 +153,18 @@ def save_checkpoint(accelerator, paths: RunPaths, step: int, keep: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step}))
+            replace_dir(tmp, final)
+    except BaseException:
+        # A full disk (or a second Ctrl-C) mid-write: the partial folder goes, so the space comes back and the
+        # older checkpoints stay as they were.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step}))
-        replace_dir(tmp, final)
         for _, old in list_checkpoints(paths)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -233,8 +240,10 @@ def save_only_trainable_weights(accelerator) -> None:
     accelerator.register_save_state_pre_hook(drop_frozen)
 
 
-def truncate_metrics(paths: RunPaths, step: int) -> float:
-    """Drop metric lines past `step` (they will be trained again); return the seconds already spent."""
+def truncate_metrics(paths: RunPaths, step: int) -> tuple[float, int]:
+    """Drop metric lines past `step` (they will be trained again); return the seconds already spent and the
+    updates --on-nan skip left out up to `step`."""
     kept = [record for record in read_jsonl(paths.metrics) if record.get("step", 0) <= step]
     write_jsonl(paths.metrics, kept)
-    return float(kept[-1].get("seconds", 0.0)) if kept else 0.0
+    last = kept[-1] if kept else {}
+    return float(last.get("seconds", 0.0)), int(last.get("skipped_steps", 0))

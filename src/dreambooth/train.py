@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +28,11 @@ from dreambooth.config import TrainConfig, class_images_config
 from dreambooth.data import DreamBoothData, load_examples, load_masks
 from dreambooth.files import append_jsonl, atomic_dir, atomic_write_text, folder_lock
 from dreambooth.errors import UserError
+from dreambooth.interrupts import StopRequest, Stopped, signal_name, stop_requests
 from dreambooth.models import (Components, assemble_pipeline, check_trainable, default_device, load_components,
                                load_pipeline, native_resolution, resolve_model)
 from dreambooth.optimizers import check_optimizer, make_optimizer, optimizer_settings
-from dreambooth.options import to_dict
+from dreambooth.options import RUN_RECORD, to_dict
 from dreambooth.prepare import (OFFLOAD_DEVICE, TEXT_ENCODERS, allow_tf32, cached_encoders, fill_caches,
                                 identifier_rows, learning_rate_schedule, make_accelerator, parameter_groups,
                                 prepare_models, trainable)
@@ -51,19 +54,34 @@ class StepResult:
     prior_loss: torch.Tensor | None
     lr: float  # the UNet's learning rate in this step
     grad_norm: torch.Tensor | None  # before clipping; None if no micro-batch synchronised the gradients
+    skipped: bool = False  # --on-nan skip left this step's update out
 
 
 def train(config: TrainConfig) -> RunPaths:
     """Fine-tune `config.model` on the instance images and write a RUN folder; return its paths. A second
-    process on the same folder, or running out of GPU memory, ends in one line (a UserError)."""
+    process on the same folder, running out of GPU memory or disk space, ends in one line (a UserError);
+    SIGTERM or Ctrl-C ends in a checkpoint and `Stopped`, whose message is the command that resumes."""
     from accelerate import PartialState
 
     # One writer per run folder: the main process holds its lock for the whole run.
-    with folder_lock(Path(config.output)) if PartialState().is_main_process else contextlib.nullcontext():
+    with (folder_lock(Path(config.output)) if PartialState().is_main_process else contextlib.nullcontext(),
+          stop_requests("optimizer step") as stop):
         try:
-            return train_run(config)
+            return train_run(config, stop)
         except torch.cuda.OutOfMemoryError as error:  # torch.OutOfMemoryError from torch 2.5 on; this name in 2.4 too
             raise UserError(out_of_memory_line(config, error)) from error
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # Every write is atomic and its temporary file removed on failure, so what is complete stays so.
+            where = f" writing {error.filename}" if error.filename else ""
+            raise UserError(f"the disk is full{where}; nothing complete was replaced: free some space, then "
+                            f"continue with {resume_command(RunPaths(Path(config.output)))}") from error
+
+
+def resume_command(paths: RunPaths) -> str:
+    """The command that continues the run in `paths`: its own record of settings, with --resume."""
+    return f"dreambooth train --config {paths.config} --resume"
 
 
 def out_of_memory_line(config: TrainConfig, error: Exception) -> str:
@@ -75,8 +93,8 @@ def out_of_memory_line(config: TrainConfig, error: Exception) -> str:
     return out_of_memory_message(config, total, str(error))
 
 
-def train_run(config: TrainConfig) -> RunPaths:
-    """`train` itself."""
+def train_run(config: TrainConfig, stop: StopRequest) -> RunPaths:
+    """`train` itself; `stop` is asked after every optimizer step."""
     # 1. Claim the run folder before any slow work, so a mistake there fails at once.
     source = resolve_model(config.model, config.allow_pickle, config.model_config)
     check_trainable(source)
@@ -114,22 +132,25 @@ def train_run(config: TrainConfig) -> RunPaths:
     for name, module in zip(trained, prepared):
         setattr(components, name, module)
     optimizer, lr_schedule = prepared[-2], prepared[-1]
-    step_models = cached_encoders(components, config)
-    offloaded = fill_caches(step_models, data, accelerator)
 
-    # 5. Record the settings, or resume from the newest checkpoint.
-    start_step, seconds_before = 0, 0.0
+    # 5. Record the settings, or resume from the newest checkpoint (dropping the metric lines of later steps,
+    #    all of them when there is no checkpoint: they will be trained again).
+    start_step, seconds_before, skips_before = 0, 0.0, 0
     if config.uses_lora:
         save_only_trainable_weights(accelerator)
     if config.resume:
         start_step = load_latest_checkpoint(accelerator, paths, prepared[:-2] if config.uses_lora else None)
-        seconds_before = truncate_metrics(paths, start_step) if start_step else 0.0
+        seconds_before, skips_before = truncate_metrics(paths, start_step)
         print(f"resuming {paths.root} at step {start_step}" if start_step
               else "--resume: no checkpoint yet; starting at step 0")
     if accelerator.is_main_process:
         atomic_write_text(paths.config, run_record(config, components))
+    step_models = cached_encoders(components, config)
     if start_step >= config.max_train_steps:
         print(f"{paths.root} already reached step {start_step}; nothing to train")
+        offloaded = []
+    else:
+        offloaded = fill_caches(step_models, data, accelerator)
 
     # 6. The loop: encode -> noise -> predict -> loss -> step. The losses stay on the device until a flush
     #    (every --log-every steps, and before anything that must see every step recorded), so the GPU never
@@ -138,27 +159,37 @@ def train_run(config: TrainConfig) -> RunPaths:
     progress = tqdm(initial=start_step, total=config.max_train_steps, desc="train", unit="step",
                     disable=not accelerator.is_local_main_process)
     pending: list[tuple[int, StepResult, float]] = []
+    skips, last_checkpoint = skips_before, started
     try:
         for step in range(start_step + 1, config.max_train_steps + 1):
             result = train_step(step, step_models, trained, data, optimizer, lr_schedule, accelerator, config)
             pending.append((step, result, seconds_before + time.monotonic() - started))
             progress.update(1)
-            checkpoint, validation = needs_checkpoint(step, config), needs_validation(step, config)
+            minutes = (time.monotonic() - last_checkpoint) / 60
+            stopping, timed = agreed(accelerator, stop.requested, 0 < config.checkpoint_minutes <= minutes)
+            checkpoint = needs_checkpoint(step, config) or timed or stopping
+            validation = needs_validation(step, config) and not stopping
             saves = step in config.save_pipeline_at and step < config.max_train_steps
-            if step % config.log_every == 0 or checkpoint or validation or saves or step == config.max_train_steps:
-                last_loss = write_metrics(pending, paths, accelerator)
-                progress.set_postfix(loss=f"{last_loss:.4f}")
+            if step % config.log_every == 0 or checkpoint or validation or saves:
+                last_loss, skips = write_metrics(pending, paths, accelerator, skips)
+                progress.set_postfix(loss="-" if last_loss is None else f"{last_loss:.4f}", skipped=skips)
                 pending = []
             if saves and accelerator.is_main_process:
                 save_trained(components, trained, accelerator, paths.pipeline_at(step), config)
             if checkpoint:
                 save_checkpoint(accelerator, paths, step, config.keep_checkpoints)
+                last_checkpoint = time.monotonic()
+            if stopping:
+                signum = stop.signum or signal.SIGTERM  # a process that did not see the signal stops with the rest
+                raise Stopped(signum, f"stopped at step {step} of {config.max_train_steps} ({signal_name(signum)}); "
+                                      f"checkpoint {paths.checkpoint(step)}; continue with: {resume_command(paths)}")
             if validation:
                 write_validation_images(components, accelerator, paths, step, config, offloaded)
     finally:  # the bar's line ends however the loop does, so an error prints on a line of its own
         progress.close()
 
-    # 7. The fine-tuned pipeline, loss curve and model card.
+    # 7. The fine-tuned pipeline, loss curve and model card (after the last step's checkpoint: a failure here is
+    #    one --resume away).
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_trained(components, trained, accelerator, paths.lora if config.uses_lora else paths.pipeline, config)
@@ -187,7 +218,7 @@ def train_step(step: int, components: Components, trained: dict[str, torch.nn.Mo
     settings = step_settings(config)
     lr = lr_schedule.get_last_lr()[0]  # the rate this step applies (the schedule moves on after it)
     totals: dict[str, Any] = {"loss": 0.0, "instance": 0.0, "prior": 0.0}
-    has_prior, grad_norm = False, None
+    has_prior, grad_norm, skipped = False, None, False
     for micro_step in range(config.gradient_accumulation_steps):
         batch = data.batch(sample_ids(step, micro_step, config, accelerator))
         generator = step_generator(config.seed, step, micro_step, accelerator.process_index)
@@ -198,8 +229,13 @@ def train_step(step: int, components: Components, trained: dict[str, torch.nn.Mo
                 params = [p for module in trained.values() for p in trainable(module)]
                 # An infinite limit measures the norm without clipping it.
                 grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
-            optimizer.step()
-            lr_schedule.step()
+                # --on-nan skip reads the norm now (one wait for the GPU per step, only then). fp16's grad scaler
+                # skips non-finite updates itself and must see them to lower its scale.
+                skipped = (config.on_nan == "skip" and accelerator.scaler is None
+                           and not bool(torch.isfinite(grad_norm) & torch.isfinite(parts.loss.detach())))
+            if not skipped:
+                optimizer.step()
+            lr_schedule.step()  # a skipped step still counts, so the schedule and the step numbers stay together
             optimizer.zero_grad(set_to_none=True)
         # Summed on the device (gather is a no-op on one process); read later, a flush at a time.
         totals["loss"] += accelerator.gather(parts.loss.detach()).mean()
@@ -210,32 +246,54 @@ def train_step(step: int, components: Components, trained: dict[str, torch.nn.Mo
     count = config.gradient_accumulation_steps
     return StepResult(totals["loss"] / count, totals["instance"] / count,
                       totals["prior"] / count if has_prior else None, lr,
-                      grad_norm.detach() if isinstance(grad_norm, torch.Tensor) else grad_norm)
+                      grad_norm.detach() if isinstance(grad_norm, torch.Tensor) else grad_norm, skipped)
 
 
-def write_metrics(pending: list[tuple[int, StepResult, float]], paths: RunPaths, accelerator) -> float:
+def write_metrics(pending: list[tuple[int, StepResult, float]], paths: RunPaths, accelerator,
+                  skips: int) -> tuple[float | None, int]:
     """Read the pending steps' numbers off the device (one wait for the GPU), append them to metrics.jsonl
-    (main process), and return the last step's loss."""
-    records = [metrics_record(step, result, seconds) for step, result, seconds in pending]
-    broken = next((record for record in records if not all(math.isfinite(record[name]) for name in
-                                                            ("loss", "instance_loss", "prior_loss", "grad_norm")
-                                                            if record.get(name) is not None)), None)
+    (main process), and return the last loss recorded and the run's count of skipped steps so far.
+
+    A non-finite loss or gradient norm in a step that was not skipped stops the run with one line: nothing after
+    the step before it is saved, so the newest checkpoint and metrics.jsonl (always valid JSON) stay finite."""
+    records = []
+    for step, result, seconds in pending:
+        skips += result.skipped
+        record = metrics_record(step, result, seconds, skips)
+        # fp16's grad scaler skips a non-finite gradient itself (and lowers its scale): not a reason to stop.
+        checked = ("loss", "instance_loss", "prior_loss") + (("grad_norm",) if accelerator.scaler is None else ())
+        broken = [name for name in checked if record.get(name) is None and name in record]
+        if broken and not result.skipped:
+            if accelerator.is_main_process:
+                for kept in records:
+                    append_jsonl(paths.metrics, kept)
+            what = "loss" if "loss" in broken else "gradient norm"
+            value = result.loss if what == "loss" else result.grad_norm
+            raise UserError(f"step {step}: the {what} is {float(value)}, training stopped (nothing after step "
+                            f"{step - 1} was saved); try a lower --learning-rate, --mixed-precision bf16 or no "
+                            "instead of fp16, an fp16-safe --vae, or --on-nan skip")
+        records.append(record)
     if accelerator.is_main_process:
-        for record in records[: records.index(broken) if broken else len(records)]:
+        for record in records:
             append_jsonl(paths.metrics, record)
-    if broken:
-        # Nothing after this step is saved: the newest checkpoint (and metrics.jsonl, always valid JSON) stay
-        # those of finite steps.
-        what = "loss" if not math.isfinite(broken["loss"]) else "gradient norm"
-        value = broken["loss"] if what == "loss" else broken["grad_norm"]
-        raise UserError(f"step {broken['step']}: the {what} is {value}, training stopped (nothing after step "
-                        f"{broken['step'] - 1} was saved); try a lower --learning-rate, --mixed-precision bf16 or no "
-                        "instead of fp16, or an fp16-safe --vae")
-    return records[-1]["loss"]
+    losses = [record["loss"] for record in records if record["loss"] is not None]
+    return (losses[-1] if losses else None), skips
 
 
 def needs_checkpoint(step: int, config: TrainConfig) -> bool:
-    return config.checkpoint_every > 0 and step % config.checkpoint_every == 0 and step < config.max_train_steps
+    """A checkpoint every --checkpoint-every steps, and always at the last one (written before the final pipeline,
+    it makes a failed final save one --resume away, and lets a finished run be extended)."""
+    periodic = config.checkpoint_every > 0 and step % config.checkpoint_every == 0
+    return periodic or step == config.max_train_steps
+
+
+def agreed(accelerator, *flags: bool) -> tuple[bool, ...]:
+    """`flags` as every process sees them (any process's True counts): a signal or a clock can reach processes
+    a step apart, and a checkpoint that only some of them write would hang the others."""
+    if accelerator.num_processes == 1:
+        return flags
+    votes = accelerator.reduce(torch.tensor([float(flag) for flag in flags], device=accelerator.device), "max")
+    return tuple(bool(vote) for vote in votes.tolist())
 
 
 def needs_validation(step: int, config: TrainConfig) -> bool:
@@ -245,12 +303,19 @@ def needs_validation(step: int, config: TrainConfig) -> bool:
     return periodic or step == config.max_train_steps
 
 
-def metrics_record(step: int, result: StepResult, seconds: float) -> dict[str, Any]:
-    record: dict[str, Any] = {"step": step, "loss": float(result.loss), "instance_loss": float(result.instance_loss)}
+def metrics_record(step: int, result: StepResult, seconds: float, skips: int = 0) -> dict[str, Any]:
+    """One metrics.jsonl line; a non-finite number is written as null, so the line is valid JSON."""
+    def number(value: torch.Tensor | float | None) -> float | None:
+        return None if value is None or not math.isfinite(value := float(value)) else value
+
+    record: dict[str, Any] = {"step": step, "loss": number(result.loss), "instance_loss": number(result.instance_loss)}
     if result.prior_loss is not None:
-        record["prior_loss"] = float(result.prior_loss)
-    grad_norm = float(result.grad_norm) if result.grad_norm is not None else None
-    record.update(lr=result.lr, grad_norm=grad_norm, seconds=round(seconds, 3))
+        record["prior_loss"] = number(result.prior_loss)
+    record.update(lr=result.lr, grad_norm=number(result.grad_norm), seconds=round(seconds, 3))
+    if result.skipped:
+        record["skipped"] = True
+    if skips:
+        record["skipped_steps"] = skips  # how many updates --on-nan skip has left out so far in the run
     return record
 
 
@@ -332,8 +397,9 @@ def run_record(config: TrainConfig, components: Components) -> str:
     """RUN/config.yaml: every resolved setting plus what the run was made from."""
     import yaml
 
-    record = to_dict(config)
-    record["_run"] = {
+    # --resume and --overwrite are what one command did, not settings: RUN/config.yaml resumes the run as a --config.
+    record = {**to_dict(config), "resume": False, "overwrite": False}
+    record[RUN_RECORD] = {
         "dreambooth_version": __version__,
         "base_model": components.source.requested,
         "base_model_kind": components.source.kind,
