@@ -8,7 +8,9 @@ import torch
 from transformers import CLIPTokenizer
 
 from conftest import write_tiny_tokenizer
-from dreambooth.encoding import encode_images, encode_prompts_sdxl, identifier_token_ids, size_time_ids, tokenize
+from dreambooth import encoding
+from dreambooth.encoding import (encode_images, encode_prompts_sdxl, identifier_token_ids, size_time_ids, tokenize,
+                                 warn_long_prompts)
 from dreambooth.errors import UserError
 
 
@@ -58,6 +60,31 @@ def test_prompts_are_padded_and_cut_to_the_text_encoders_length(tokenizer):
     short, long = tokenize(tokenizer, ["a cat", "cat " * 200])
     assert short.shape == long.shape == (77,)
     assert long[0] == tokenizer.bos_token_id and long[-1] == tokenizer.eos_token_id  # cut, with its ends kept
+
+
+@pytest.fixture
+def fresh_memory(monkeypatch) -> None:
+    """Forget which prompts this process has measured, so each test sees its own warnings."""
+    monkeypatch.setattr(encoding, "_MEASURED_PROMPTS", set())
+
+
+def test_a_prompt_over_the_text_encoders_length_is_named_once_with_its_count_and_lost_words(
+        tokenizer, fresh_memory, capsys):
+    fits, too_long = "a " * 74 + "b", "a " * 75 + "z"  # 77 tokens with the start and end tokens; 78
+    warn_long_prompts(tokenizer, [fits, too_long, too_long], "--instance-prompt")
+    for _ in range(3):  # what the step does without a cache, every step
+        tokenize(tokenizer, [too_long, fits])
+    warn_long_prompts(tokenizer, [too_long], "--validation-prompt")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"--instance-prompt: '{'a ' * 28}a...' is 78 tokens; the text encoder reads the first 77, "
+                     "so 'z' is ignored"]
+
+
+def test_tokenize_names_a_long_prompt_nobody_measured_before(tokenizer, fresh_memory, capsys):
+    tokenize(tokenizer, ["cat " * 100, "cat " * 100])
+    tokenize(tokenizer, ["cat " * 100])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("prompt: 'cat cat") and "is 102 tokens; the text encoder reads the first 77" in line
 
 
 class Wrapped(torch.nn.Module):

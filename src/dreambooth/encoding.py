@@ -7,6 +7,8 @@ changes this file alone.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from dreambooth.errors import UserError
@@ -28,8 +30,37 @@ def input_device(model, device: torch.device | str) -> torch.device | str:
     return "cpu" if getattr(model, "keys_inputs_on_cpu", False) else device
 
 
+# (text encoder length, prompt) pairs already measured by warn_long_prompts: the step tokenizes every batch when
+# nothing is cached, and a prompt is measured (and a long one named) once per process, not once per step.
+_MEASURED_PROMPTS: set[tuple[int, str]] = set()
+
+
+def warn_long_prompts(tokenizer, prompts: list[str], flag: str) -> None:
+    """One line on stderr for each prompt longer than the text encoder reads (tokenize cuts the rest off silently),
+    naming `flag` (or the caption file) and the words lost; each prompt is measured once per process."""
+    limit = tokenizer.model_max_length
+    for prompt in dict.fromkeys(prompts):
+        if (limit, prompt) in _MEASURED_PROMPTS:
+            continue
+        _MEASURED_PROMPTS.add((limit, prompt))
+        # Counted as tokenize counts: with the start and end tokens, which take two of the `limit` places.
+        # verbose=False: transformers would warn "longer than the specified maximum" in its own words.
+        ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
+        if len(ids) <= limit:
+            continue
+        lost = tokenizer.decode(ids[limit - 1:-1]).strip()
+        print(f"{flag}: '{_shortened(prompt)}' is {len(ids)} tokens; the text encoder reads the first {limit}, so "
+              f"'{_shortened(lost)}' is ignored", file=sys.stderr)
+
+
+def _shortened(text: str, length: int = 60) -> str:
+    return text if len(text) <= length else text[:length - 3].rstrip() + "..."
+
+
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    """Token ids padded to the tokenizer's full length, as Stable Diffusion was trained."""
+    """Token ids padded to the tokenizer's full length, as Stable Diffusion was trained (longer prompts are cut,
+    and named once by warn_long_prompts: "prompt" here, the flag when the trainer has measured them first)."""
+    warn_long_prompts(tokenizer, prompts, "prompt")
     return tokenizer(
         prompts,
         padding="max_length",
