@@ -2,7 +2,7 @@
 
 import pytest
 
-from dreambooth.config import GenerateConfig, TrainConfig
+from dreambooth.config import ClassImagesConfig, EvaluateConfig, GenerateConfig, ReportConfig, TrainConfig
 from dreambooth.errors import UserError
 from dreambooth.options import build_config, load_config_file, to_dict
 
@@ -45,6 +45,38 @@ def test_yaml_and_toml_files_load(tmp_path):
 def test_bad_settings_name_the_key(values, message):
     with pytest.raises(UserError, match=message):
         build_config(TrainConfig, {**REQUIRED, **values}, {})
+
+
+@pytest.mark.parametrize(
+    "cls, values, message",
+    [
+        (TrainConfig, {"instance_prompt": ""}, "--instance-prompt '': must not be empty$"),
+        (TrainConfig, {"instance_prompt": "\t "}, r"--instance-prompt '\\t ': must not be empty$"),
+        (TrainConfig, {"class_prompt": " ", "class_dir": "cats"},
+         "--class-prompt ' ': must not be empty; leave the flag out instead$"),
+        (TrainConfig, {"class_prompt": ""}, "--class-prompt '': must not be empty"),
+        (TrainConfig, {"identifier": ""}, "--identifier '': must not be empty"),
+        (TrainConfig, {"validation_prompt": ["a photo of miru cat", ""]},
+         "--validation-prompt '': must not be empty; drop the empty one$"),
+        (TrainConfig, {"output": ""}, "--output '': must not be empty$"),  # the current folder, by accident
+        (GenerateConfig, {"prompt": ["a cat", " "]}, "--prompt ' ': must not be empty; drop the empty one$"),
+        (GenerateConfig, {"prompt": []}, "--prompt: give at least one value"),
+        (ClassImagesConfig, {"prompt": ""}, "--prompt '': must not be empty$"),
+        (EvaluateConfig, {"class_prompt": ""}, "--class-prompt '': must not be empty"),
+        (ReportConfig, {"prompt": " "}, "--prompt ' ': must not be empty"),
+    ],
+)
+def test_an_empty_prompt_or_path_is_refused_naming_the_flag(cls, values, message):
+    required = {TrainConfig: REQUIRED, GenerateConfig: {"model": "m", "prompt": "p", "output": "o"},
+                ClassImagesConfig: {"model": "m", "prompt": "p", "output": "o"},
+                EvaluateConfig: {"samples": "s", "reference_dir": "r"}, ReportConfig: {"directory": "d"}}[cls]
+    with pytest.raises(UserError, match=message):
+        build_config(cls, {**required, **values}, {})
+
+
+def test_an_empty_negative_prompt_is_the_default_and_allowed():
+    assert build_config(GenerateConfig, {"model": "m", "prompt": "p", "output": "o", "negative_prompt": ""},
+                        {}).negative_prompt == ""
 
 
 def test_missing_required_setting_names_the_flag():

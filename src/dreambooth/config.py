@@ -66,7 +66,8 @@ class TrainConfig:
                                            non_negative=True)
     class_dir: str | None = option(
         None, "Folder of class images for prior preservation (topped up with the base model).")
-    class_prompt: str | None = option(None, 'Class prompt, e.g. "a photo of a cat"; turns on prior preservation.')
+    class_prompt: str | None = option(None, 'Class prompt, e.g. "a photo of a cat"; turns on prior preservation.',
+                                      non_empty=True)
     num_class_images: int = option(200, "Class images to train with (the first N by name; missing ones are "
                                         "generated first).", positive=True)
     prior_loss_weight: float = option(1.0, "Weight of the class (prior-preservation) loss.", non_negative=True)
@@ -104,7 +105,7 @@ class TrainConfig:
         positive=True)
     identifier: str | None = option(
         None, "The word that names the subject, e.g. miru (default: the words of --instance-prompt that "
-              "--class-prompt lacks).")
+              "--class-prompt lacks).", non_empty=True)
     optimizer: str = option(
         "adamw", "adamw (torch's, fused), adamw8bit (bitsandbytes: a quarter of the state), adafactor, prodigy "
                  "(finds its own step size: use --learning-rate 1.0) or lion.", choices=OPTIMIZER_NAMES)
@@ -147,7 +148,8 @@ class TrainConfig:
     resume: bool = option(False, "Continue the run in --output from its newest checkpoint.")
     overwrite: bool = option(
         False, "Start afresh in an --output that holds a run (the old files are moved aside, not deleted).")
-    validation_prompt: list[str] = option([], "Prompts to render during training (repeat or list several).")
+    validation_prompt: list[str] = option([], "Prompts to render during training (repeat or list several).",
+                                          non_empty=True)
     validation_every: int = option(0, "Render validation images every N steps (0: only at the end).", non_negative=True)
     validation_seeds: list[int] = option([0, 1], "Seeds of the validation images.")
     validation_sampling_steps: int = option(25, "Sampling steps of validation images.", positive=True)
@@ -227,7 +229,7 @@ class GenerateConfig:
     """Render prompts with a model over a grid of sampling settings and seeds."""
 
     model: str = option(help="Model: hub id, diffusers folder, .safetensors file or a finished RUN folder.")
-    prompt: list[str] = option(help="Prompts to render (repeat or list several).")
+    prompt: list[str] = option(help="Prompts to render (repeat or list several).", non_empty=True)
     output: str = option(help="Folder for images/, manifest.jsonl and grid.png.")
     negative_prompt: str = option("", "What the images should not show.")
     steps: list[int] = option([30], "Sampling steps; several values make grid rows.")
@@ -246,7 +248,7 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self)
-        for name in ("steps", "seeds"):
+        for name in ("prompt", "steps", "seeds"):
             if not getattr(self, name):
                 raise UserError(f"{flag_name(name)}: give at least one value")
         if any(value <= 0 for value in self.steps):
@@ -263,7 +265,8 @@ class EvaluateConfig:
 
     samples: str = option(help="A `generate` output folder (with manifest.jsonl).", positional=True)
     reference_dir: str = option(help="Folder of real photos of the subject (the instance images).")
-    class_prompt: str | None = option(None, 'Images made with this prompt (e.g. "a photo of a cat") measure PRES.')
+    class_prompt: str | None = option(None, 'Images made with this prompt (e.g. "a photo of a cat") measure PRES.',
+                                      non_empty=True)
     clip_model: str = option("openai/clip-vit-base-patch32", "CLIP model for CLIP-I and CLIP-T: hub id or folder.")
     dino_model: str = option(
         "facebook/dino-vits16", "DINO ViT for DINO, PRES and DIV: hub id or folder (a CLIP folder works too).")
@@ -295,7 +298,8 @@ class ReportConfig:
     """Write report.html and report.md for a sweep folder."""
 
     directory: str = option(help="A sweep output folder.", positional=True)
-    prompt: str | None = option(None, "Prompt shown in the trials x settings table (default: the first).")
+    prompt: str | None = option(None, "Prompt shown in the trials x settings table (default: the first).",
+                                non_empty=True)
 
     def __post_init__(self) -> None:
         validate_fields(self)

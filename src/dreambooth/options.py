@@ -39,10 +39,12 @@ RUN_RECORD = "_run"  # the key under which RUN/config.yaml records the run itsel
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
-           positive: bool = False, non_negative: bool = False, cli: bool = True, positional: bool = False) -> Any:
-    """A dataclass field carrying its CLI help and simple validation rules (positional: `cmd VALUE`, not `--flag`)."""
-    metadata = {"help": help, "choices": choices, "positive": positive, "non_negative": non_negative, "cli": cli,
-                "positional": positional}
+           positive: bool = False, non_negative: bool = False, non_empty: bool = False, cli: bool = True,
+           positional: bool = False) -> Any:
+    """A dataclass field carrying its CLI help and simple validation rules (positional: `cmd VALUE`, not `--flag`;
+    non_empty: text that must hold more than spaces, as every required text field must)."""
+    metadata = {"help": help, "choices": choices, "positive": positive, "non_negative": non_negative,
+                "non_empty": non_empty, "cli": cli, "positional": positional}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -65,6 +67,12 @@ def validate_fields(config: Any) -> None:
         for item in values:
             if rules.get("choices") and item not in rules["choices"]:
                 raise UserError(f"{flag_name(spec.name)} {item}: choose one of {', '.join(rules['choices'])}")
+            # An empty prompt trains or renders nothing in particular, and an empty path is the current folder
+            # (where `--output ""` would write a run): both are a slip, such as an unset shell variable.
+            if isinstance(item, str) and not item.strip() and (rules.get("non_empty") or _is_required(spec)):
+                instead = "; drop the empty one" if isinstance(value, list) else (
+                    "" if _is_required(spec) else "; leave the flag out instead")
+                raise UserError(f"{flag_name(spec.name)} {item!r}: must not be empty{instead}")
         numbers = values
         for number in numbers:
             if isinstance(number, bool) or not isinstance(number, (int, float)):
