@@ -197,13 +197,16 @@ def test_non_finite_numbers_are_refused_by_name(value, tiny_model, instance_dir,
         make_config(tiny_model, instance_dir, tmp_path / "run", learning_rate=float(value))
 
 
-def test_resume_skips_a_damaged_newest_checkpoint_for_the_one_before(tiny_model, instance_dir, tmp_path, capsys):
+@pytest.mark.parametrize("damaged", ["model*.safetensors", "optimizer.bin"])
+def test_resume_skips_a_damaged_newest_checkpoint_for_the_one_before(damaged, tiny_model, instance_dir, tmp_path,
+                                                                     capsys):
     straight = train(make_config(tiny_model, instance_dir, tmp_path / "straight", max_train_steps=3))
     interrupted = make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=3, checkpoint_every=1,
                               keep_checkpoints=2)
     _train_until(interrupted, stop_after=2)
-    (weights_file,) = (tmp_path / "run" / "checkpoints" / "step-000002").glob("model*.safetensors")
-    weights_file.write_bytes(weights_file.read_bytes()[:1000])  # truncated, as a full disk or a crash leaves it
+    (damaged_file,) = (tmp_path / "run" / "checkpoints" / "step-000002").glob(damaged)
+    # Truncated weights, as a full disk or a crash leaves them, or a garbled pickle (loaded weights_only).
+    damaged_file.write_bytes(damaged_file.read_bytes()[:1000] if damaged.endswith("safetensors") else b"\x80garbage")
     interrupted.resume = True
     resumed = train(interrupted)
     assert "step-000002 is damaged" in capsys.readouterr().err
@@ -497,10 +500,60 @@ def test_validation_images_are_what_generate_renders_from_the_saved_model(tiny_m
     assert difference.max() <= 1  # the same pixels, up to rounding
 
 
-def test_resume_without_a_checkpoint_starts_at_step_one(tiny_model, instance_dir, tmp_path):
+def test_resume_without_a_checkpoint_starts_at_step_one_and_drops_the_old_metric_lines(tiny_model, instance_dir,
+                                                                                      tmp_path):
+    import shutil
+
+    train(make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=2))
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # as a run killed before its first checkpoint leaves it
     started = time.monotonic()
     paths = train(make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=2, resume=True))
     wall = time.monotonic() - started
     records = [json.loads(line) for line in paths.metrics.read_text().splitlines()]
     assert [record["step"] for record in records] == [1, 2]
     assert 0 < records[0]["seconds"] < records[1]["seconds"] <= wall  # no time carried over from nothing
+
+
+def test_a_finished_run_extends_from_its_last_step(tiny_model, instance_dir, tmp_path):
+    straight = train(make_config(tiny_model, instance_dir, tmp_path / "straight", max_train_steps=3))
+    train(make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=2, checkpoint_minutes=1e-9,
+                      keep_checkpoints=5))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+    extended = train(make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=3, resume=True))
+    assert max_difference(weights(straight.pipeline, "unet"), weights(extended.pipeline, "unet")) == 0.0
+    assert [json.loads(line)["step"] for line in extended.metrics.read_text().splitlines()] == [1, 2, 3]
+
+
+def poison_step(monkeypatch, poisoned_step: int) -> None:
+    """Make the loss of one step NaN, as an fp16 overflow or a bad batch does."""
+    import dataclasses
+
+    import dreambooth.train as training
+
+    original, calls = training.micro_batch_loss, []
+
+    def loss(*args, **kwargs):
+        parts = original(*args, **kwargs)
+        calls.append(1)
+        return dataclasses.replace(parts, loss=parts.loss * float("nan")) if len(calls) == poisoned_step else parts
+
+    monkeypatch.setattr(training, "micro_batch_loss", loss)
+
+
+def test_on_nan_skip_leaves_the_update_out_and_counts_it(tiny_model, instance_dir, tmp_path, monkeypatch):
+    poison_step(monkeypatch, 2)
+    paths = train(make_config(tiny_model, instance_dir, tmp_path / "run", max_train_steps=4, on_nan="skip",
+                              checkpoint_every=1, keep_checkpoints=4))
+    records = [json.loads(line) for line in paths.metrics.read_text().splitlines()]  # valid JSON throughout
+    assert [(r["step"], r.get("skipped", False), r.get("skipped_steps", 0)) for r in records] == [
+        (1, False, 0), (2, True, 1), (3, False, 1), (4, False, 1)]
+    assert records[1]["loss"] is None and all(math.isfinite(r["loss"]) for r in records if r["step"] != 2)
+    one, two = (weights(paths.checkpoint(step), "") for step in (1, 2))
+    assert max_difference(one, two) == 0.0  # step 2 changed nothing
+    assert max_difference(two, weights(paths.checkpoint(3), "")) > 0  # and training went on
+    assert all(torch.isfinite(tensor).all() for tensor in weights(paths.pipeline, "unet").values())
+    assert "1 updates with a non-finite loss or gradient were skipped" in paths.model_card.read_text()
+
+    poison_step(monkeypatch, 2)
+    with pytest.raises(UserError, match=r"^step 2: the loss is nan, training stopped .* or --on-nan skip$"):
+        train(make_config(tiny_model, instance_dir, tmp_path / "stops", max_train_steps=4))

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from dreambooth.files import atomic_file, atomic_write_text, read_jsonl
+from dreambooth.options import RUN_RECORD
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
@@ -21,7 +22,7 @@ def write_loss_plot(metrics_path: Path, output: Path) -> Path | None:
     """Plot loss (raw and smoothed) and, with prior preservation, its two terms; None when there is nothing."""
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state, renders with Agg
 
-    records = read_jsonl(metrics_path)
+    records = trained_steps(metrics_path)
     if not records:
         return None
     steps = [record["step"] for record in records]
@@ -42,18 +43,23 @@ def write_loss_plot(metrics_path: Path, output: Path) -> Path | None:
     return output
 
 
+def trained_steps(metrics_path: Path) -> list[dict[str, Any]]:
+    """The metric lines of steps that had a loss (--on-nan skip writes a skipped step's loss as null)."""
+    return [record for record in read_jsonl(metrics_path) if record.get("loss") is not None]
+
+
 def _run_record(paths) -> dict[str, Any]:
     """What RUN/config.yaml says the run was made from (family, base model)."""
     import yaml
 
     if not paths.config.is_file():
         return {}
-    return (yaml.safe_load(paths.config.read_text()) or {}).get("_run", {})
+    return (yaml.safe_load(paths.config.read_text()) or {}).get(RUN_RECORD, {})
 
 
 def write_model_card(paths, settings: dict[str, Any]) -> Path:
     """A README for the run: what it was trained from and how, how it went, and how to use it."""
-    records = read_jsonl(paths.metrics)
+    records = trained_steps(paths.metrics)
     final = records[-1] if records else {}
     lowest = min(records, key=lambda r: r["loss"]) if records else {}
     run = _run_record(paths)
@@ -96,7 +102,9 @@ def write_model_card(paths, settings: dict[str, Any]) -> Path:
     if final:
         lines += ["", f"Final loss {final['loss']:.4f} at step {final['step']}; "
                       f"lowest {lowest['loss']:.4f} at step {lowest['step']}; "
-                      f"{final.get('seconds', 0):.0f} s of training.",
+                      f"{final.get('seconds', 0):.0f} s of training."
+                      + (f" {skips} updates with a non-finite loss or gradient were skipped (--on-nan skip)."
+                         if (skips := (read_jsonl(paths.metrics) or [{}])[-1].get("skipped_steps")) else ""),
                   "", "![loss](loss.png)"]
     samples = sorted(paths.validation.glob("step-*/*.png"))
     if samples:
