@@ -1,12 +1,18 @@
 """Model resolution and loading, through the same paths a user's model takes."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import tiny_vae
 from dreambooth.errors import UserError
-from dreambooth.models import load_components, resolve_model
+from dreambooth.models import (ModelSource, check_latent_size, load_components, load_pipeline, load_vae, resolve_model,
+                               source_vae_scale_factor, use_safetensors, vae_scale_factor)
+
+MINIWORLD_VAE = Path(__file__).parents[1] / "src/dreambooth/miniworld/weights/pipeline/vae/config.json"
 
 
 def test_diffusers_folder_loads_as_components(tiny_model):
@@ -85,3 +91,81 @@ def test_a_swapped_in_vae_takes_the_pipelines_dtype(tiny_model):
 
     pipeline = load_pipeline(str(tiny_model), vae=str(tiny_model / "vae"), torch_dtype=torch.bfloat16)
     assert pipeline.vae.dtype == pipeline.unet.dtype == torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def pickled_model(tiny_model, tmp_path_factory) -> Path:
+    """The tiny pipeline saved the old way: every component's weights pickled (.bin), no .safetensors."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = tmp_path_factory.mktemp("pickled") / "pipeline"
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipeline.save_pretrained(folder, safe_serialization=False)
+    # transformers 5 writes .safetensors whatever it is asked; older releases wrote this file.
+    (folder / "text_encoder" / "model.safetensors").unlink(missing_ok=True)
+    torch.save(pipeline.text_encoder.state_dict(), folder / "text_encoder" / "pytorch_model.bin")
+    assert not list(folder.rglob("*.safetensors")) and (folder / "unet" / "diffusion_pytorch_model.bin").is_file()
+    return folder
+
+
+def test_a_model_folder_of_pickled_weights_needs_allow_pickle(pickled_model, tiny_model):
+    refusal = (r"^--model {}: (text_encoder/pytorch_model|unet/diffusion_pytorch_model|vae/diffusion_pytorch_model)"
+               r"\.bin holds pickled weights .*pass --allow-pickle to load it \(only if you trust its source\)$")
+    with pytest.raises(UserError, match=refusal.format(pickled_model)):
+        resolve_model(str(pickled_model))
+    with pytest.raises(UserError, match=refusal.format(pickled_model.parent)):  # as a RUN folder
+        load_components(str(pickled_model.parent))
+    components = load_components(resolve_model(str(pickled_model), allow_pickle=True))
+    expected = load_components(str(tiny_model))
+    assert torch.equal(components.unet.conv_in.weight, expected.unet.conv_in.weight)
+    embeddings = components.text_encoder.get_input_embeddings().weight
+    assert torch.equal(embeddings, expected.text_encoder.get_input_embeddings().weight)
+
+
+def test_one_pickled_component_is_named_even_beside_safe_ones(tiny_model, tmp_path):
+    from diffusers import AutoencoderKL
+
+    folder = shutil.copytree(tiny_model, tmp_path / "pipeline")
+    shutil.rmtree(folder / "vae")
+    AutoencoderKL.from_pretrained(tiny_model / "vae").save_pretrained(folder / "vae", safe_serialization=False)
+    with pytest.raises(UserError, match=r"vae/diffusion_pytorch_model\.bin holds pickled weights"):
+        load_pipeline(str(folder))
+    with pytest.raises(UserError, match=r"^--vae .*: diffusion_pytorch_model\.bin holds pickled weights"):
+        load_vae(str(folder / "vae"), resolve_model(str(tiny_model)))
+    # A component passed in is not read from the folder, so its pickle is never opened.
+    assert load_pipeline(str(folder), vae=str(tiny_model / "vae")).vae is not None
+
+
+def test_loading_never_falls_back_to_a_pickle_unless_allowed(pickled_model, tiny_model):
+    assert use_safetensors(resolve_model(str(tiny_model))) is True  # a missing .safetensors is an error
+    assert use_safetensors(resolve_model(str(tiny_model), allow_pickle=True)) is None  # prefer, then fall back
+    # A hub model's files are not looked at before loading: from_pretrained itself must refuse the pickles.
+    hub = ModelSource("hub", str(pickled_model), "sd", "someone/old-model")
+    with pytest.raises(UserError, match=r"^--model someone/old-model: not all of it comes as \.safetensors .*"
+                                        r"pass --allow-pickle to load them \(only if you trust its source\)$"):
+        load_pipeline(hub)
+    assert load_pipeline(hub, allow_pickle=True).unet is not None
+
+
+def test_the_vae_scale_factor_is_read_from_a_loaded_vae_or_a_config(tiny_model):
+    assert vae_scale_factor(tiny_vae()) == 2
+    assert vae_scale_factor(json.loads(MINIWORLD_VAE.read_text())) == 4
+    assert source_vae_scale_factor(resolve_model(str(tiny_model))) == 2
+
+
+@pytest.mark.parametrize("factor, sizes, message", [
+    (4, {"--resolution": 16}, r"^--resolution 16: the latents would be 4x4 \(the VAE shrinks images 4x\); "
+                              r"use at least 32$"),
+    (8, {"--resolution": 8}, r"^--resolution 8: the latents would be 1x1 .*8x\); use at least 64$"),
+    (2, {"--height": 32, "--width": 8}, r"^--width 8: the latents would be 4 wide \(.* 2x\); use at least 16$"),
+    (8, {"--height": 56, "--width": None}, r"^--height 56: the latents would be 7 high"),
+])
+def test_a_size_whose_latents_are_under_8x8_is_refused(factor, sizes, message):
+    with pytest.raises(UserError, match=message):
+        check_latent_size(factor, sizes)
+
+
+def test_sizes_with_latents_of_8x8_or_more_pass():
+    check_latent_size(2, {"--resolution": 16})
+    check_latent_size(4, {"--resolution": 32, "--height": None})
+    check_latent_size(8, {"--height": 64, "--width": 512})

@@ -37,6 +37,7 @@ class ModelSource:
     requested: str  # what the user typed, for messages and records
     model_config: str | None = None  # for a single file: the diffusers folder or hub id describing it
     lora: str | None = None  # a LoRA folder applied over the model at `location`
+    allow_pickle: bool = False  # --allow-pickle: pickled weights may load (they can run code)
 
     def base_record(self) -> dict[str, Any]:
         """How to find this model again from another folder or process (a LoRA folder's base_model.json)."""
@@ -77,7 +78,7 @@ def resolve_model(model: str, allow_pickle: bool = False, model_config: str | No
     """
     alias_folder = model_alias_folder(model)
     if alias_folder is not None:
-        return ModelSource("folder", str(alias_folder), _folder_family(alias_folder), model)
+        return _folder_source(alias_folder, model, allow_pickle)
     path = Path(model).expanduser()
     for folder in (path, path / "lora"):
         if folder.is_dir() and lora.is_lora_folder(folder):
@@ -97,19 +98,56 @@ def resolve_model(model: str, allow_pickle: bool = False, model_config: str | No
         family = _single_file_family(path)
         if model_config:
             _check_config_family(model_config, family, model)
-        return ModelSource("single_file", str(path), family, model, model_config=model_config)
+        return ModelSource("single_file", str(path), family, model, model_config=model_config,
+                           allow_pickle=allow_pickle)
     if path.is_dir():
         if (path / "model_index.json").is_file():
-            return ModelSource("folder", str(path), _folder_family(path), model)
+            return _folder_source(path, model, allow_pickle)
         if (path / "pipeline" / "model_index.json").is_file():  # a finished RUN folder
-            return ModelSource("folder", str(path / "pipeline"), _folder_family(path / "pipeline"), model)
+            return _folder_source(path / "pipeline", model, allow_pickle)
         raise UserError(
             f"--model {model}: this folder is not a diffusers pipeline (no model_index.json) "
             "nor a finished run (no pipeline/model_index.json)"
         )
     if HUB_ID.match(model) and not model.startswith((".", "~")):
-        return ModelSource("hub", model, _hub_family(model), model)
+        return ModelSource("hub", model, _hub_family(model), model, allow_pickle=allow_pickle)
     raise UserError(f"--model {model}: no such file or folder, and not a hub id of the form owner/name")
+
+
+def _folder_source(folder: Path, model: str, allow_pickle: bool) -> ModelSource:
+    """A diffusers pipeline folder, refused now (not after minutes of data loading) if it loads from a pickle.
+    The safety checker (training and class images never load it) and the VAE (--vae may replace it) are left to
+    load_pipeline, which knows."""
+    source = ModelSource("folder", str(folder), _folder_family(folder), model, allow_pickle=allow_pickle)
+    check_pickled_components(source, skip=("safety_checker", "vae"))
+    return source
+
+
+def check_pickled_components(source: ModelSource, skip=()) -> None:
+    """Without --allow-pickle, refuse a pipeline folder in which a component to load (all but `skip`) has only
+    pickled weights: from_pretrained would otherwise load them, and unpickling can run code from the file."""
+    if source.allow_pickle or source.kind != "folder":
+        return
+    folder = Path(source.location)
+    index = json.loads((folder / "model_index.json").read_text())
+    for name, entry in index.items():
+        # Components are [library, class]; [null, null] marks one the pipeline was saved without.
+        if name.startswith("_") or name in skip or not isinstance(entry, list) or not entry or entry[0] is None:
+            continue
+        pickled = _only_pickled_weights(folder / name)
+        if pickled is not None:
+            raise UserError(f"--model {source.requested}: {pickled.relative_to(folder)} {_PICKLE_REFUSAL}")
+
+
+_PICKLE_REFUSAL = ("holds pickled weights (no .safetensors beside it), and loading a pickle can run code from the "
+                   "file; convert it to .safetensors, or pass --allow-pickle to load it (only if you trust its source)")
+
+
+def _only_pickled_weights(folder: Path) -> Path | None:
+    """The first pickled weights file in `folder` when it has no .safetensors, which from_pretrained prefers."""
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return None
+    return next((path for path in sorted(folder.iterdir()) if path.suffix.lower() in PICKLE_SUFFIXES), None)
 
 
 def _lora_source(model: str, folder: Path, allow_pickle: bool) -> ModelSource:
@@ -136,8 +174,12 @@ def load_pipeline(
     """Load a whole pipeline (for sampling or saving), optionally with some components replaced; a LoRA
     source comes with its adapters loaded (unfused) at `lora_scale`."""
     source = model if isinstance(model, ModelSource) else resolve_model(model, allow_pickle)
+    if allow_pickle and not source.allow_pickle:
+        source = dataclasses.replace(source, allow_pickle=True)
     if lora_scale != 1.0 and not source.lora:
         raise UserError(f"--lora-scale {lora_scale}: {source.requested} is not a LoRA run")
+    # Components passed in (or None: not wanted) are not read from the folder, so their files do not matter.
+    check_pickled_components(source, skip=component_overrides.keys() | ({"vae"} if vae else set()))
     pipeline_class = _pipeline_class(source.family)
     kwargs: dict[str, Any] = dict(component_overrides)
     if vae:
@@ -151,7 +193,7 @@ def load_pipeline(
                 kwargs.update(config=source.model_config)
             pipeline = pipeline_class.from_single_file(source.location, **kwargs)
         else:
-            pipeline = pipeline_class.from_pretrained(source.location, use_safetensors=_has_safetensors(source),
+            pipeline = pipeline_class.from_pretrained(source.location, use_safetensors=use_safetensors(source),
                                                       **kwargs)
         if source.lora:
             lora.apply_lora(pipeline, Path(source.lora), lora_scale)
@@ -168,8 +210,12 @@ def load_vae(vae: str, source: ModelSource, dtype: torch.dtype = torch.float32):
 
     path = Path(vae).expanduser()
     subfolder = "vae" if (path / "vae" / "config.json").is_file() or (path / "model_index.json").is_file() else None
+    pickled = None if source.allow_pickle else _only_pickled_weights(path / (subfolder or ""))
+    if pickled is not None:
+        raise UserError(f"--vae {vae}: {pickled.relative_to(path)} {_PICKLE_REFUSAL}")
     try:
-        model = AutoencoderKL.from_pretrained(vae, subfolder=subfolder, **{_dtype_keyword(): dtype})
+        model = AutoencoderKL.from_pretrained(vae, subfolder=subfolder, use_safetensors=use_safetensors(source),
+                                              **{_dtype_keyword(): dtype})
     except (OSError, ValueError, EnvironmentError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"--vae {vae}: not a VAE this model can use ({first_line})") from error
@@ -202,7 +248,41 @@ def native_resolution(source: ModelSource) -> int:
         vae = AutoencoderKL.load_config(where, subfolder="vae")
     except (OSError, ValueError, EnvironmentError) as error:
         raise UserError(_load_failure(source, error)) from error
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    return int(unet["sample_size"]) * vae_scale_factor(vae)
+
+
+def vae_scale_factor(vae) -> int:
+    """How many times the VAE shrinks each side of an image (8 for Stable Diffusion), computed as diffusers'
+    pipelines do; `vae` is a loaded VAE or its config."""
+    return 2 ** (len(getattr(vae, "config", vae)["block_out_channels"]) - 1)
+
+
+def source_vae_scale_factor(source: ModelSource) -> int:
+    """vae_scale_factor of the model's own VAE, read from its config without loading weights."""
+    from diffusers import AutoencoderKL
+
+    where = source.model_config if source.kind == "single_file" else source.location
+    if where is None:
+        return 8  # a single file without configs: every Stable Diffusion VAE
+    try:
+        return vae_scale_factor(AutoencoderKL.load_config(where, subfolder="vae"))
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise UserError(_load_failure(source, error)) from error
+
+
+# Latents under 8x8 leave SD's UNet, which halves them three times, nothing to work on at its lowest level.
+MIN_LATENT_SIDE = 8
+
+
+def check_latent_size(vae_scale_factor: int, sizes: dict[str, int | None]) -> None:
+    """Refuse an image size (flag -> pixels; None: the model's own) whose latents would be under 8 on a side."""
+    for flag, pixels in sizes.items():
+        if pixels is None or pixels // vae_scale_factor >= MIN_LATENT_SIDE:
+            continue
+        side = pixels // vae_scale_factor
+        shape = {"--height": f"{side} high", "--width": f"{side} wide"}.get(flag, f"{side}x{side}")
+        raise UserError(f"{flag} {pixels}: the latents would be {shape} (the VAE shrinks images {vae_scale_factor}x); "
+                        f"use at least {MIN_LATENT_SIDE * vae_scale_factor}")
 
 
 def load_components(model: str | ModelSource, *, allow_pickle: bool = False, vae: str | None = None) -> Components:
@@ -347,17 +427,21 @@ def _hub_family(model_id: str) -> Family:
     return _family_from_class_name(config.get("_class_name", ""), model_id)
 
 
-def _has_safetensors(source: ModelSource) -> bool | None:
-    """Insist on safetensors for local folders that have them; let the hub client decide otherwise."""
-    if source.kind != "folder":
-        return None
-    return any(Path(source.location).rglob("*.safetensors")) or None
+def use_safetensors(source: ModelSource) -> bool | None:
+    """from_pretrained's `use_safetensors`: True (a missing .safetensors is an error, never a silent fall back to
+    a pickle) unless --allow-pickle, where None prefers .safetensors and loads a pickle where there is none."""
+    return None if source.allow_pickle else True
 
 
 def _load_failure(source: ModelSource, error: BaseException) -> str:
     from huggingface_hub import constants
 
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    # use_safetensors=True (see use_safetensors) fails this way where a component has only pickled weights.
+    if not source.allow_pickle and ("necessary `safetensors` weights" in first_line
+                                    or "no file named" in first_line and ".safetensors" in first_line):
+        return (f"--model {source.requested}: not all of it comes as .safetensors ({first_line}); pickled weights "
+                "can run code when loaded: pass --allow-pickle to load them (only if you trust its source)")
     if source.kind == "hub":
         if constants.HF_HUB_OFFLINE:
             return (
