@@ -557,3 +557,9 @@ def test_on_nan_skip_leaves_the_update_out_and_counts_it(tiny_model, instance_di
     poison_step(monkeypatch, 2)
     with pytest.raises(UserError, match=r"^step 2: the loss is nan, training stopped .* or --on-nan skip$"):
         train(make_config(tiny_model, instance_dir, tmp_path / "stops", max_train_steps=4))
+
+
+def test_a_resolution_too_small_for_the_vae_is_refused_before_anything_is_written(tiny_model, instance_dir, tmp_path):
+    with pytest.raises(UserError, match=r"^--resolution 8: the latents would be 4x4 \(the VAE shrinks images 2x\)"):
+        train(make_config(tiny_model, instance_dir, tmp_path / "run", resolution=8))
+    assert not (tmp_path / "run").exists()

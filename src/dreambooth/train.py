@@ -29,8 +29,9 @@ from dreambooth.data import DreamBoothData, load_examples, load_masks
 from dreambooth.files import append_jsonl, atomic_dir, atomic_write_text, folder_lock
 from dreambooth.errors import UserError
 from dreambooth.interrupts import StopRequest, Stopped, signal_name, stop_requests
-from dreambooth.models import (Components, assemble_pipeline, check_trainable, default_device, load_components,
-                               load_pipeline, native_resolution, resolve_model)
+from dreambooth.models import (Components, assemble_pipeline, check_latent_size, check_trainable, default_device,
+                               load_components, load_pipeline, native_resolution, resolve_model,
+                               source_vae_scale_factor)
 from dreambooth.optimizers import check_optimizer, make_optimizer, optimizer_settings
 from dreambooth.options import RUN_RECORD, to_dict
 from dreambooth.prepare import (OFFLOAD_DEVICE, TEXT_ENCODERS, allow_tf32, cached_encoders, fill_caches,
@@ -100,6 +101,7 @@ def train_run(config: TrainConfig, stop: StopRequest) -> RunPaths:
     check_trainable(source)
     if config.resolution is None:
         config = dataclasses.replace(config, resolution=native_resolution(source))
+    check_latent_size(source_vae_scale_factor(source), {"--resolution": config.resolution})
     accelerator = make_accelerator(config)
     allow_tf32(accelerator.device)
     check_optimizer(optimizer_settings(config), accelerator.device)
