@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +14,11 @@ from PIL import Image
 
 from dreambooth.config import SCHEDULER_NAMES, GenerateConfig
 from dreambooth.errors import UserError
+from dreambooth.files import folder_lock
+from dreambooth.interrupts import Stopped
 from dreambooth.models import load_pipeline
-from dreambooth.sampling import SamplingSetting, generate, make_grid, make_scheduler, render, save_png
+from dreambooth.sampling import (SamplingSetting, generate, generation_record, make_grid, make_scheduler, render,
+                                 save_png)
 
 STEPS = 2  # enough to exercise multistep samplers, cheap on the tiny model
 
@@ -289,3 +295,84 @@ def test_several_schedulers_make_more_rows_and_name_their_files(tiny_model, tmp_
     records = [json.loads(line) for line in (tmp_path / "gen" / "manifest.jsonl").read_text().splitlines()]
     assert [r["file"] for r in records] == ["images/ddim-s1-g3-p0-seed0.png", "images/euler-s1-g3-p0-seed0.png"]
     assert [r["scheduler"] for r in records] == ["ddim", "euler"]
+
+
+# --- continuing, stopping, the folder lock ------------------------------------------------------------
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_stopped_generate_continues_to_the_folder_an_uninterrupted_run_makes(tiny_model, tmp_path, monkeypatch):
+    # euler-a at 2 steps, batches of 3: here seed 2 comes out a bit different rendered alone than in its batch.
+    settings = dict(seeds=list(range(6)), steps=[2], scheduler=["euler-a"], batch_size=3)
+    generate(generate_config(tiny_model, tmp_path / "whole", **settings))
+    whole = folder_bytes(tmp_path / "whole")
+
+    # SIGTERM while the first batch is saved: the batch is finished, then generate stops and lets the folder go.
+    import dreambooth.sampling as sampling
+
+    real_save = sampling.save_listed_image
+
+    def save_then_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler only asks to stop
+        return real_save(*args, **kwargs)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(sampling, "save_listed_image", save_then_signal)
+    with pytest.raises(Stopped, match=r"^stopped after 3 of 6 images \(SIGTERM\); run the same command again") as stop:
+        generate(generate_config(tiny_model, out, **settings))
+    assert stop.value.exit_status == 128 + signal.SIGTERM
+    monkeypatch.setattr(sampling, "save_listed_image", real_save)
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"s2-g7.5-p0-seed{s}.png" for s in range(3)]
+    assert not (out / ".lock").exists() and not (out / "grid.png").exists()
+
+    # A listed image gone (its batch is rendered whole again), partial temp files as a kill -9 leaves them.
+    (out / "images" / "s2-g7.5-p0-seed2.png").unlink()
+    (out / "images" / ".s2-g7.5-p0-seed3.0123abcd.tmp.png").write_bytes(b"half a png")
+    (out / ".grid.89abcdef.tmp.png").write_bytes(b"half a grid")
+    mine = {"notes.txt": b"mine", ".draft.tmp": b"mine too", "images/.x.tmp.png": b"and mine"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+
+    # The same command again (the model spelled another way, other batches asked for) completes the folder.
+    monkeypatch.chdir(tiny_model.parent)
+    generate(generate_config(tiny_model.name, out, **{**settings, "batch_size": 1}))
+    monkeypatch.chdir(tmp_path)
+    # Every image, the manifest (no line twice), the grid and generate.json are byte for byte an uninterrupted run's.
+    assert folder_bytes(out) == whole | mine
+
+    # An image written whose manifest line was not (killed between the two): listed once, the image unchanged.
+    lines = (out / "manifest.jsonl").read_text().splitlines(keepends=True)
+    (out / "manifest.jsonl").write_text("".join(lines[:-1]))
+    generate(generate_config(tiny_model, out, **settings))
+    assert folder_bytes(out) == whole | mine
+
+    # A finished generation run again renders nothing.
+    monkeypatch.setattr(sampling, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    generate(generate_config(tiny_model, out, **settings))
+    assert folder_bytes(out) == whole | mine
+
+
+@pytest.mark.parametrize("key, value", [("prompt", ["a dog"]), ("seeds", [1]), ("steps", [2]), ("guidance", [3.0]),
+                                        ("scheduler", ["euler"]), ("negative_prompt", "blurry"), ("height", 24),
+                                        ("lora_scale", 0.5), ("model", "other/model")])
+def test_generate_refuses_a_folder_made_with_other_settings(tiny_model, tmp_path, key, value):
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    (out / "generate.json").write_text(json.dumps(generation_record(generate_config(tiny_model, out))))
+    changed = dataclasses.replace(generate_config(tiny_model, out), **{key: value})
+    with pytest.raises(UserError, match=rf"^--output {out} already holds a generation made with other settings "
+                                        rf"\(--{key.replace('_', '-')} was .*--overwrite to move it aside$"):
+        generate(changed)
+    assert sorted(p.name for p in out.iterdir()) == ["generate.json", "images"]
+
+
+def test_generate_refuses_a_folder_another_process_writes(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    with folder_lock(out):  # as another generate holding it would
+        with pytest.raises(UserError, match=rf"^--output {out}: process {os.getpid()} on .* is writing it"):
+            generate(generate_config(tiny_model, out))
+        assert [p.name for p in out.iterdir()] == [".lock"]
+    assert not out.exists()

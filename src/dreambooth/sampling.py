@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -20,12 +21,17 @@ from tqdm.auto import tqdm
 
 from dreambooth.config import SCHEDULER_NAMES, GenerateConfig
 from dreambooth.errors import UserError
-from dreambooth.files import MANIFEST, append_jsonl, atomic_file, move_aside
+from dreambooth.files import (MANIFEST, append_jsonl, atomic_file, atomic_write_text, folder_lock, move_aside,
+                              read_jsonl)
+from dreambooth.interrupts import signal_name, stop_requests
 from dreambooth.models import default_device, inference_dtype, load_pipeline, resolve_model
 
 IMAGES = "images"
 GRID = "grid.png"
-GENERATION_FILES = [IMAGES, MANIFEST, GRID]
+SETTINGS = "generate.json"  # what the generation in a folder was made with, written before its first image
+GENERATION_FILES = [IMAGES, MANIFEST, GRID, SETTINGS]
+# files.atomic_file's temporary names (".NAME.<8 hex>.tmp.SUFFIX"): what a writer killed mid-write leaves behind.
+PARTIAL_FILE = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp(\.\w+)?$")
 
 # Names AUTOMATIC1111 / ComfyUI readers recognise in a "parameters" chunk.
 A1111_SAMPLER_NAMES = {
@@ -153,8 +159,9 @@ def save_png(image: Image.Image, path: Path, metadata: dict) -> None:
 
 
 def save_listed_image(image: Image.Image, folder: Path, file: str, prompt: str, seed: int, setting: SamplingSetting,
-                      *, negative_prompt: str, model: str) -> dict[str, Any]:
-    """Save a rendered image with how it was made as PNG text, then list it in the folder's manifest; return the line.
+                      *, negative_prompt: str, model: str, listed: bool = False) -> dict[str, Any]:
+    """Save a rendered image with how it was made as PNG text, then list it in the folder's manifest (unless it is
+    `listed` there already: a continued generation re-rendering a deleted image); return the line.
 
     The one record shape of a folder of rendered images (`generate` and class images), which `evaluate` reads.
     """
@@ -162,8 +169,21 @@ def save_listed_image(image: Image.Image, folder: Path, file: str, prompt: str, 
               "guidance": setting.guidance, "scheduler": setting.scheduler, "model": model,
               "height": image.height, "width": image.width}
     save_png(image, Path(folder) / file, {key: value for key, value in record.items() if key != "file"})
-    append_jsonl(Path(folder) / MANIFEST, record)  # after the image: a line never names a missing file
+    if not listed:
+        append_jsonl(Path(folder) / MANIFEST, record)  # after the image: a line never names a missing file
     return record
+
+
+def remove_partial_files(folder: Path) -> int:
+    """Remove the temporary files a writer killed mid-write left in `folder` (only files.atomic_file's names, never
+    anything else); return how many. Call it only while holding the folder's lock: a live writer's are not partial."""
+    if not folder.is_dir():
+        return 0
+    partial = [path for path in folder.iterdir()
+               if PARTIAL_FILE.match(path.name) and path.is_file() and not path.is_symlink()]
+    for path in partial:
+        path.unlink(missing_ok=True)
+    return len(partial)
 
 
 def _wrap(text: str, font, width: float) -> list[str]:
@@ -235,16 +255,71 @@ def make_grid(rows: list[list[Image.Image]], row_labels: list[str], column_label
     return grid
 
 
-def prepare_output(folder: Path, overwrite: bool) -> None:
-    """Refuse a folder holding an earlier generation, or with --overwrite move its files aside."""
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"--output {folder}: exists and is not a folder")
-    if not any((folder / name).exists() for name in GENERATION_FILES):
-        return
-    if not overwrite:
-        raise UserError(f"--output {folder} already holds a generation; pick another folder or pass --overwrite")
-    moved = move_aside(folder, GENERATION_FILES)
-    print(f"generate: moved the earlier generation in {folder} to {moved}")
+def _source(value: str | None) -> str | None:
+    """A model, VAE or model config as generations are compared: a local path by what it names (relative or
+    absolute, a trailing slash), anything else (a hub id) as written."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
+def generation_record(config: GenerateConfig) -> dict[str, Any]:
+    """What decides a generation's images, manifest and grid, by GenerateConfig's names (repeats dropped, as
+    `generate` drops them). A command with the same record makes the same folder, so it continues one: "the same
+    command". Left out since they change no pixel: --output (the folder itself), --overwrite, --allow-pickle; and
+    --batch-size, which is kept beside the record because a continuation renders in the first command's batches
+    (batching moves pixels by float rounding). A model is compared by name or path, not by its weights; the first
+    command's spelling of it ("model_label") names it in every image's metadata."""
+    record = {"model": _source(config.model), "vae": _source(config.vae), "model_config": _source(config.model_config),
+              "lora_scale": config.lora_scale, "prompt": list(config.prompt), "negative_prompt": config.negative_prompt,
+              "seeds": list(dict.fromkeys(config.seeds)), "scheduler": list(dict.fromkeys(config.scheduler)),
+              "steps": list(dict.fromkeys(config.steps)), "guidance": list(dict.fromkeys(config.guidance)),
+              "height": config.height, "width": config.width}
+    return json.loads(json.dumps(record))  # as it reads back from the file (tuples become lists)
+
+
+def holds_generation(folder: Path) -> bool:
+    return any((folder / name).exists() for name in GENERATION_FILES)
+
+
+def read_generation_settings(folder: Path) -> dict[str, Any] | None:
+    """The settings recorded in `folder` by the generation there; None if there are none or they are unreadable."""
+    try:
+        settings = json.loads((folder / SETTINGS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
+def generation_difference(folder: Path, config: GenerateConfig) -> str | None:
+    """None if `folder` holds no generation or the one `config` makes (then `generate` continues it); else how the
+    generation there differs, as words that follow "already holds a generation"."""
+    if not holds_generation(folder):
+        return None
+    earlier = read_generation_settings(folder)
+    if earlier is None:
+        return f"whose settings are unknown (no readable {SETTINGS})"
+    for key, value in generation_record(config).items():
+        if earlier.get(key) != value:
+            return f"made with other settings (--{key.replace('_', '-')} was {earlier.get(key)!r}, now {value!r})"
+    return None
+
+
+def claim_output(folder: Path, config: GenerateConfig) -> dict[str, Any] | None:
+    """The recorded settings of the generation in `folder` that `config` continues, or None to start afresh (an
+    empty folder, or --overwrite, which moves the earlier generation aside); a folder holding another generation is
+    refused. Call it holding the folder's lock."""
+    if not holds_generation(folder):
+        return None
+    if config.overwrite:
+        moved = move_aside(folder, GENERATION_FILES)
+        print(f"generate: moved the earlier generation in {folder} to {moved}")
+        return None
+    if difference := generation_difference(folder, config):
+        raise UserError(f"--output {folder} already holds a generation {difference}; pick another folder, or pass "
+                        "--overwrite to move it aside")
+    return read_generation_settings(folder)
 
 
 def image_name(setting: SamplingSetting, prompt_index: int, seed: int, with_scheduler: bool = False) -> str:
@@ -252,8 +327,14 @@ def image_name(setting: SamplingSetting, prompt_index: int, seed: int, with_sche
     return f"{prefix}s{setting.steps}-g{setting.guidance:g}-p{prompt_index}-seed{seed}.png"
 
 
+def _load_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
 def generate(config: GenerateConfig) -> Path:
-    """Render every prompt x seed under every (steps, guidance) setting; write images, manifest and grid."""
+    """Render every prompt x seed under every (steps, guidance) setting; write images, manifest and grid. The same
+    command after an interruption renders only the missing images, and the folder ends as an uninterrupted run's."""
     prompts = list(config.prompt)
     if not prompts or not config.guidance:
         raise UserError(f"{'--prompt' if not prompts else '--guidance'}: give at least one value")
@@ -267,31 +348,53 @@ def generate(config: GenerateConfig) -> Path:
         check_scheduler_name(scheduler)  # fail before minutes of model loading
 
     output = Path(config.output)
-    prepare_output(output, config.overwrite)
-    device = default_device()
-    source = resolve_model(config.model, config.allow_pickle, config.model_config)
-    pipeline = load_pipeline(source, torch_dtype=inference_dtype(device), lora_scale=config.lora_scale, vae=config.vae)
-    pipeline = pipeline.to(device)
-
-    rows: list[list[Image.Image]] = []
-    with tqdm(total=len(settings) * len(columns), desc="generate", unit="img") as progress:
-        for setting in settings:
-            row: list[Image.Image] = []
-            for start in range(0, len(columns), config.batch_size):
-                batch = columns[start : start + config.batch_size]
+    with folder_lock(output), stop_requests("image") as request:
+        earlier = claim_output(output, config)
+        if removed := remove_partial_files(output) + remove_partial_files(output / IMAGES):
+            print(f"generate: removed {removed} partial file(s) an interrupted run left in {output}")
+        batch_size = int(earlier.get("batch_size", config.batch_size)) if earlier else config.batch_size
+        model_label = str(earlier.get("model_label", config.model)) if earlier else config.model
+        if batch_size != config.batch_size:
+            print(f"generate: continuing in batches of {batch_size}, as the generation in {output} began "
+                  "(other batches could change the last bit of a pixel)")
+        files = {(setting, p, seed): f"{IMAGES}/{image_name(setting, p, seed, len(schedulers) > 1)}"
+                 for setting in settings for p, seed in columns}
+        listed = {record.get("file") for record in read_jsonl(output / MANIFEST)}
+        done = {key for key, file in files.items() if file in listed and (output / file).is_file()}
+        # The batches of an uninterrupted run; one missing any image is rendered whole, since a part of it alone
+        # could come out a bit different. Only its missing images are written.
+        batches = [(setting, columns[start : start + batch_size]) for setting in settings
+                   for start in range(0, len(columns), batch_size)]
+        todo = [(setting, batch) for setting, batch in batches if any((setting, *c) not in done for c in batch)]
+        if todo:
+            device = default_device()
+            source = resolve_model(config.model, config.allow_pickle, config.model_config)
+            pipeline = load_pipeline(source, torch_dtype=inference_dtype(device), lora_scale=config.lora_scale,
+                                     vae=config.vae).to(device)
+            if earlier is None:  # before the first image, so a folder never holds images of unknown settings
+                record = {**generation_record(config), "batch_size": batch_size, "model_label": model_label}
+                atomic_write_text(output / SETTINGS, json.dumps(record, indent=1) + "\n")
+        with tqdm(total=sum(len(batch) for _, batch in todo), desc="generate", unit="img") as progress:
+            for setting, batch in todo:
+                if request.requested:
+                    request.stop(f"stopped after {len(done)} of {len(files)} images ({signal_name(request.signum)}); "
+                                 "run the same command again to render the rest")
                 images = render(pipeline, [prompts[p] for p, _ in batch], [seed for _, seed in batch], setting,
                                 negative_prompt=config.negative_prompt, height=config.height, width=config.width,
-                                batch_size=config.batch_size)
+                                batch_size=batch_size)
                 for (p, seed), image in zip(batch, images):
-                    save_listed_image(image, output, f"{IMAGES}/{image_name(setting, p, seed, len(schedulers) > 1)}",
-                                      prompts[p], seed, setting, negative_prompt=config.negative_prompt,
-                                      model=config.model)
-                    row.append(image)
+                    if (setting, p, seed) in done:
+                        continue
+                    file = files[setting, p, seed]
+                    save_listed_image(image, output, file, prompts[p], seed, setting,
+                                      negative_prompt=config.negative_prompt, model=model_label, listed=file in listed)
+                    done.add((setting, p, seed))
                 progress.update(len(batch))
-            rows.append(row)
 
-    column_labels = [f"{prompts[p]}\nseed {seed}" for p, seed in columns]
-    grid = make_grid(rows, [setting.label for setting in settings], column_labels)
-    save_png(grid, output / GRID, {"model": config.model, "rows": json.dumps([s.label for s in settings]),
-                                   "columns": json.dumps(column_labels), "cells": grid.info["cells"]})
+        # The grid from the files, so a continued folder's grid is an uninterrupted one's.
+        rows = [[_load_rgb(output / files[setting, p, seed]) for p, seed in columns] for setting in settings]
+        column_labels = [f"{prompts[p]}\nseed {seed}" for p, seed in columns]
+        grid = make_grid(rows, [setting.label for setting in settings], column_labels)
+        save_png(grid, output / GRID, {"model": model_label, "rows": json.dumps([s.label for s in settings]),
+                                       "columns": json.dumps(column_labels), "cells": grid.info["cells"]})
     return output
