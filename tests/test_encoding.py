@@ -80,6 +80,13 @@ def test_a_prompt_over_the_text_encoders_length_is_named_once_with_its_count_and
                      "so 'z' is ignored"]
 
 
+def test_only_the_first_process_of_a_multi_gpu_run_names_a_long_prompt(tokenizer, fresh_memory, capsys,
+                                                                      monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    warn_long_prompts(tokenizer, ["cat " * 100], "--instance-prompt")
+    assert capsys.readouterr().err == ""
+
+
 def test_tokenize_names_a_long_prompt_nobody_measured_before(tokenizer, fresh_memory, capsys):
     tokenize(tokenizer, ["cat " * 100, "cat " * 100])
     tokenize(tokenizer, ["cat " * 100])

@@ -7,6 +7,7 @@ changes this file alone.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -38,6 +39,8 @@ _MEASURED_PROMPTS: set[tuple[int, str]] = set()
 def warn_long_prompts(tokenizer, prompts: list[str], flag: str) -> None:
     """One line on stderr for each prompt longer than the text encoder reads (tokenize cuts the rest off silently),
     naming `flag` (or the caption file) and the words lost; each prompt is measured once per process."""
+    if os.environ.get("RANK", "0") != "0":
+        return  # the processes of a multi-GPU run (torchrun sets RANK) see the same prompts; the first says so
     limit = tokenizer.model_max_length
     for prompt in dict.fromkeys(prompts):
         if (limit, prompt) in _MEASURED_PROMPTS:
