@@ -1,11 +1,18 @@
 """Class-image top-up: existing images are kept and counted, new ones are recorded."""
 
 import json
+import os
+import signal
 
+import pytest
 from PIL import Image
 
-from dreambooth.class_images import top_up_class_images
+import dreambooth.class_images as class_images
+from dreambooth.class_images import free_indices, top_up_class_images
 from dreambooth.config import ClassImagesConfig
+from dreambooth.errors import UserError
+from dreambooth.files import folder_lock
+from dreambooth.interrupts import Stopped
 
 from conftest import write_images
 
@@ -50,3 +57,52 @@ def test_full_folder_loads_no_model(tmp_path):
     # A model that does not exist proves nothing was loaded.
     images = top_up_class_images(config_for(tmp_path / "no-model", folder, 2))
     assert len(images) == 3
+
+
+def folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_a_stopped_top_up_continues_to_the_images_an_uninterrupted_one_makes(tiny_model, tmp_path, monkeypatch):
+    whole = tmp_path / "whole"
+    top_up_class_images(config_for(tiny_model, whole, 4))
+
+    # SIGTERM while the first batch (of 2) is saved: the batch is finished, then the top-up stops.
+    real_save = class_images.save_listed_image
+
+    def save_then_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler only asks to stop
+        return real_save(*args, **kwargs)
+
+    folder = tmp_path / "cats"
+    monkeypatch.setattr(class_images, "save_listed_image", save_then_signal)
+    with pytest.raises(Stopped, match=r"^stopped after 2 of the 4 class images to generate \(SIGTERM\); run the "
+                                      r"same command again to generate the rest$"):
+        top_up_class_images(config_for(tiny_model, folder, 4))
+    monkeypatch.setattr(class_images, "save_listed_image", real_save)
+    assert sorted(folder_bytes(folder)) == ["class-00000.png", "class-00001.png", "manifest.jsonl"]
+
+    # A kill -9 leaves a partial image under a temp name: the next top-up removes it and nothing of the user's.
+    (folder / ".class-00002.0123abcd.tmp.png").write_bytes(b"half a png")
+    mine = {".notes.tmp": b"mine", ".class-00003.tmp.png": b"mine too"}
+    for name, data in mine.items():
+        (folder / name).write_bytes(data)
+    top_up_class_images(config_for(tiny_model, folder, 4))
+    assert folder_bytes(folder) == folder_bytes(whole) | mine
+
+
+def test_a_top_up_refuses_a_folder_another_process_writes(tiny_model, tmp_path):
+    folder = tmp_path / "cats"
+    with folder_lock(folder, "--class-dir"):  # as another top-up holding it would
+        with pytest.raises(UserError, match=rf"^--class-dir {folder}: process {os.getpid()} on .* is writing it"):
+            top_up_class_images(config_for(tiny_model, folder, 2), flag="--class-dir")
+        assert [p.name for p in folder.iterdir()] == [".lock"]
+        # A full folder is only read: trains sharing a class folder may start side by side.
+        write_images(folder, 2)
+        assert len(top_up_class_images(config_for(tiny_model, folder, 2))) == 2
+
+
+def test_new_names_never_name_anything_already_there(tmp_path):
+    (tmp_path / "CLASS-00000.PNG").write_bytes(b"a user's image: the same file as class-00000.png on macOS")
+    (tmp_path / "class-00002.png").mkdir()
+    assert free_indices(tmp_path, 2) == [1, 3]

@@ -174,13 +174,18 @@ def save_listed_image(image: Image.Image, folder: Path, file: str, prompt: str, 
     return record
 
 
-def remove_partial_files(folder: Path) -> int:
-    """Remove the temporary files a writer killed mid-write left in `folder` (only files.atomic_file's names, never
-    anything else); return how many. Call it only while holding the folder's lock: a live writer's are not partial."""
+def partial_files(folder: Path) -> list[Path]:
+    """The temporary files in `folder` named as files.atomic_file names them (a writer's, or one killed mid-write)."""
     if not folder.is_dir():
-        return 0
-    partial = [path for path in folder.iterdir()
-               if PARTIAL_FILE.match(path.name) and path.is_file() and not path.is_symlink()]
+        return []
+    return [path for path in folder.iterdir()
+            if PARTIAL_FILE.match(path.name) and path.is_file() and not path.is_symlink()]
+
+
+def remove_partial_files(folder: Path) -> int:
+    """Remove what writers killed mid-write left in `folder` (only temp names, never anything else); return how many.
+    Call it only holding the folder's lock: a live writer's temp files are not left over."""
+    partial = partial_files(folder)
     for path in partial:
         path.unlink(missing_ok=True)
     return len(partial)
