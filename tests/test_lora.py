@@ -57,7 +57,7 @@ def test_a_lora_run_writes_only_adapters_and_leaves_the_base_bit_identical(tiny_
     assert saved and all(".lora" in key for key in saved)  # nothing but adapter weights
     assert {key.split(".")[0] for key in saved} == {"unet", "text_encoder"}
     # The checkpoint holds only what learns (adapters, the embedding table), not the frozen base weights.
-    checkpoint = lora_run.checkpoint(2)
+    checkpoint = lora_run.checkpoint(3)  # the last step's (keep_checkpoints=1)
     unet_state = load_file(checkpoint / "model.safetensors")
     assert unet_state and all(".lora_" in key for key in unet_state)
     assert {key for key in load_file(checkpoint / "model_1.safetensors") if ".lora_" not in key} == {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 import traceback
 import types
@@ -176,6 +177,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"dreambooth {args.command}: error: {error}", file=sys.stderr)
+        return USER_MISTAKE
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        if args.debug:
+            traceback.print_exc()
+        # Every writer writes a temporary name and removes it on failure: what was complete is still there.
+        where = f" writing {error.filename}" if error.filename else ""
+        print(f"dreambooth {args.command}: error: the disk is full{where}; nothing complete was replaced: free some "
+              "space, then run the same command again", file=sys.stderr)
         return USER_MISTAKE
     except Stopped as stop:
         print(f"dreambooth {args.command}: {stop}", file=sys.stderr)

@@ -19,31 +19,32 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dreambooth import __version__, lora, seeds
+from dreambooth import __version__, seeds
 from dreambooth.artifacts import write_loss_plot, write_model_card
 from dreambooth.checkpoints import (RunPaths, claim_run_folder, load_latest_checkpoint, save_checkpoint,
                                     save_only_trainable_weights, truncate_metrics)
 from dreambooth.class_images import top_up_class_images
 from dreambooth.config import TrainConfig, class_images_config
 from dreambooth.data import DreamBoothData, load_examples, load_masks
-from dreambooth.files import append_jsonl, atomic_dir, atomic_write_text, folder_lock
+from dreambooth.encoding import warn_long_prompts
 from dreambooth.errors import UserError
+from dreambooth.files import append_jsonl, atomic_dir, atomic_write_text, folder_lock
 from dreambooth.interrupts import StopRequest, Stopped, signal_name, stop_requests
 from dreambooth.models import (Components, assemble_pipeline, check_latent_size, check_trainable, default_device,
-                               load_components, load_pipeline, native_resolution, resolve_model,
+                               load_components, native_resolution, resolve_model,
                                source_vae_scale_factor)
 from dreambooth.optimizers import check_optimizer, make_optimizer, optimizer_settings
 from dreambooth.options import RUN_RECORD, to_dict
 from dreambooth.prepare import (OFFLOAD_DEVICE, TEXT_ENCODERS, allow_tf32, cached_encoders, fill_caches,
-                                identifier_rows, learning_rate_schedule, make_accelerator, parameter_groups,
+                                learning_rate_schedule, make_accelerator, parameter_groups,
                                 prepare_models, trainable)
 from dreambooth.sampling import SamplingSetting, render, save_png
+from dreambooth.saving import save_trained
 from dreambooth.step import micro_batch_loss, step_settings
 
 VALIDATION_SCHEDULER = "ddim"
 VALIDATION_GUIDANCE = 7.5  # Stable Diffusion's usual guidance scale
 NOISE_STREAM = 4  # seeds.mix stream of the step's latents, noise and timesteps (data.py uses streams 0-3)
-SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --save-dtype
 
 
 @dataclass
@@ -125,6 +126,7 @@ def train_run(config: TrainConfig, stop: StopRequest) -> RunPaths:
 
     # 3. Models: everything frozen except what this run trains.
     components = load_components(source, vae=config.vae)
+    name_long_prompts(components.tokenizer, config, instance + (classes or []))
     trained = prepare_models(components, config, accelerator)
 
     # 4. Optimizer and learning-rate schedule.
@@ -174,7 +176,8 @@ def train_run(config: TrainConfig, stop: StopRequest) -> RunPaths:
             saves = step in config.save_pipeline_at and step < config.max_train_steps
             if step % config.log_every == 0 or checkpoint or validation or saves:
                 last_loss, skips = write_metrics(pending, paths, accelerator, skips)
-                progress.set_postfix(loss="-" if last_loss is None else f"{last_loss:.4f}", skipped=skips)
+                progress.set_postfix(loss="-" if last_loss is None else f"{last_loss:.4f}",
+                                     **({"skipped": skips} if skips else {}))
                 pending = []
             if saves and accelerator.is_main_process:
                 save_trained(components, trained, accelerator, paths.pipeline_at(step), config)
@@ -199,6 +202,17 @@ def train_run(config: TrainConfig, stop: StopRequest) -> RunPaths:
         write_model_card(paths, settings)
     accelerator.end_training()
     return paths
+
+
+def name_long_prompts(tokenizer, config: TrainConfig, examples: list) -> None:
+    """Warn once about each prompt the text encoder will cut short, by the flag that gave it or its caption file
+    (the flags first: a caption that repeats --instance-prompt is named by the flag)."""
+    for flag, prompts in (("--instance-prompt", [config.instance_prompt]),
+                          ("--class-prompt", [config.class_prompt] if config.class_prompt else []),
+                          ("--validation-prompt", config.validation_prompt)):
+        warn_long_prompts(tokenizer, prompts, flag)
+    for example in examples:
+        warn_long_prompts(tokenizer, [example.prompt], str(example.path.with_suffix(".txt")))
 
 
 def step_generator(seed: int, step: int, micro_step: int, process: int) -> torch.Generator:
@@ -356,43 +370,6 @@ def write_validation_images(components: Components, accelerator, paths: RunPaths
 def trained_names(components: Components, config: TrainConfig) -> list[str]:
     encoders = [name for name in TEXT_ENCODERS if getattr(components, name) is not None]
     return ["unet"] + (encoders if config.train_text_encoder else [])
-
-
-def save_trained(components: Components, trained: dict[str, torch.nn.Module], accelerator, target: Path,
-                 config: TrainConfig) -> None:
-    """What the run trained, into `target`: a whole pipeline (diffusers format), or a LoRA folder."""
-    unwrapped = {name: accelerator.unwrap_model(getattr(components, name)) for name in trained}
-    dtype = SAVE_DTYPES[config.save_dtype]
-    with atomic_dir(target) as folder:
-        if not config.uses_lora:
-            # The base pipeline (and --vae) loaded afresh in the saved dtype, with the fine-tuned parts swapped in
-            # (fp32 as they train, or copies in the saved dtype: the weights that go on training are never rounded).
-            parts = unwrapped if dtype == torch.float32 else {name: saved_copy(module, dtype)
-                                                               for name, module in unwrapped.items()}
-            pipeline = load_pipeline(components.source, vae=config.vae, torch_dtype=dtype, **parts)
-            pipeline.save_pretrained(folder, safe_serialization=True)
-            return
-        embeddings = {}
-        if config.token_embedding_learning_rate:
-            for name in (name for name in TEXT_ENCODERS if name in unwrapped):
-                suffix = name.removeprefix("text_encoder")  # "" or "_2"
-                rows = lora.trained_embeddings(unwrapped[name], identifier_rows(components, name, config))
-                embeddings.update({f"{key}{suffix}": value for key, value in rows.items()})
-        lora.save_lora(folder, components.pipeline_class, unwrapped, components.source.base_record(),
-                       embeddings or None, dtype)
-
-
-def saved_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """A CPU copy of a trained model in `dtype`, built empty (meta device) and given converted copies of its
-    weights one tensor at a time: saving in half never holds a second copy on the GPU."""
-    model_class = type(module)
-    with torch.device("meta"):
-        # diffusers models are built from their config with from_config, transformers models by calling the class
-        copy = model_class.from_config(module.config) if hasattr(model_class, "from_config") else model_class(
-            module.config)
-    copy.load_state_dict({key: value.detach().to("cpu", dtype) for key, value in module.state_dict().items()},
-                         assign=True)
-    return copy
 
 
 def run_record(config: TrainConfig, components: Components) -> str:
