@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,9 @@ import yaml
 import dreambooth.sweep as sweeping
 from dreambooth.config import GenerateConfig, SweepConfig
 from dreambooth.errors import UserError
+from dreambooth.files import append_jsonl, folder_lock
+from dreambooth.interrupts import Stopped
 from dreambooth.sweep import expand_trials, generate_config, load_sweep, run_sweep, train_config
-from dreambooth.files import append_jsonl
 from dreambooth.sweep_files import fill_prompt, plain_class_prompt, read_trial_records
 
 from conftest import TINY_RESOLUTION
@@ -225,3 +228,64 @@ def test_a_grid_over_lora_rank_trains_lora_runs_samples_them_and_skips_them_when
 
     monkeypatch.setattr(training, "train", lambda config: pytest.fail(f"{config.output} trained again"))
     run_sweep(SweepConfig(sweep=str(sweep_file), output=str(output)))
+
+
+def trial_statuses(output: Path) -> list[str]:
+    return [record["status"] for record in read_trial_records(output).values()]
+
+
+def test_a_stopped_sweep_lets_the_folder_go_and_the_same_command_continues(tiny_model, instance_dir, tmp_path,
+                                                                            monkeypatch):
+    import dreambooth.train as training
+
+    sweep_file = write_sweep(tmp_path, tiny_model, instance_dir, grid={"max_train_steps": [1, 2]}, seeds=[0],
+                             sampling={"steps": [1], "guidance": [3.0]})
+    config = SweepConfig(sweep=str(sweep_file), output=str(tmp_path / "sweep"))
+    output = tmp_path / "sweep"
+
+    # Training that stops on a signal (after its checkpoint) stops the sweep; the trials are not "failed".
+    def stopped_training(config):
+        raise Stopped(signal.SIGTERM, "stopped after step 1 (SIGTERM); run the same command again to resume")
+
+    real_train = training.train
+    monkeypatch.setattr(training, "train", stopped_training)
+    with pytest.raises(Stopped, match="after step 1"):
+        run_sweep(config)
+    assert trial_statuses(output) == ["pending", "pending"] and not (output / ".lock").exists()
+
+    # SIGTERM while the first trial is sampled: that trial is finished, then the sweep stops.
+    monkeypatch.setattr(training, "train", real_train)
+    real_sample = sweeping.sample_trial
+
+    def sample_then_signal(*args):
+        samples = real_sample(*args)
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler only asks to stop
+        return samples
+
+    monkeypatch.setattr(sweeping, "sample_trial", sample_then_signal)
+    with pytest.raises(Stopped, match=r"^stopped after 1 of 2 trials \(SIGTERM\); run the same command again to "
+                                      r"continue$") as stop:
+        run_sweep(config)
+    assert stop.value.exit_status == 128 + signal.SIGTERM
+    assert trial_statuses(output) == ["done", "trained"] and not (output / ".lock").exists()
+    first_grid = (output / "samples" / "run-steps1" / "grid.png").read_bytes()
+
+    # The same command: nothing trained or sampled twice.
+    monkeypatch.setattr(sweeping, "sample_trial", real_sample)
+    monkeypatch.setattr(training, "train", lambda config: pytest.fail(f"{config.output} trained again"))
+    run_sweep(config)
+    assert trial_statuses(output) == ["done", "done"] and (output / "report.html").is_file()
+    assert (output / "samples" / "run-steps1" / "grid.png").read_bytes() == first_grid
+
+
+def test_a_sweep_refuses_a_folder_being_written_or_holding_files_of_others(tiny_model, instance_dir, tmp_path):
+    config = SweepConfig(sweep=str(write_sweep(tmp_path, tiny_model, instance_dir)), output=str(tmp_path / "sweep"))
+    with folder_lock(tmp_path / "sweep"):  # as another sweep holding it would
+        with pytest.raises(UserError, match=rf"^--output {tmp_path / 'sweep'}: process {os.getpid()} on .* is "
+                                            "writing it"):
+            run_sweep(config)
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "report.md").write_text("my notes")
+    with pytest.raises(UserError, match=r"holds report.md, which no sweep wrote; pick a new or empty folder$"):
+        run_sweep(config)
+    assert [(p.name, p.read_text()) for p in (tmp_path / "sweep").iterdir()] == [("report.md", "my notes")]

@@ -8,19 +8,21 @@ same command after a kill skips what is finished and continues.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dreambooth.config import ClassImagesConfig, GenerateConfig, SweepConfig, TrainConfig, class_images_config
 from dreambooth.errors import UserError
-from dreambooth.files import atomic_write_text, locked, read_jsonl, write_jsonl
+from dreambooth.files import atomic_write_text, folder_lock, locked, read_jsonl, write_jsonl
+from dreambooth.interrupts import StopRequest, Stopped, signal_name, stop_requests
 from dreambooth.options import build_config, load_config_file
-from dreambooth.sweep_files import (METRIC_ROWS, SWEEP_COPY, TRIALS, fill_prompt, plain_class_prompt,
-                                    read_trial_records)
+from dreambooth.sweep_files import (METRIC_ROWS, SWEEP_COPY, TRIALS, check_sweep_folder, fill_prompt,
+                                    plain_class_prompt, read_trial_records)
 
 # The sweep's own keys; every other key is a training setting. `identifier:` is both: it fills {id} in the
 # prompts and is TrainConfig.identifier (the word whose embeddings --token-embedding-learning-rate trains).
@@ -145,17 +147,30 @@ def slug(text: str) -> str:
 
 
 def run_sweep(config: SweepConfig) -> Path:
-    """Train, sample, evaluate and report every trial of the sweep; return the report's path."""
+    """Train, sample, evaluate and report every trial of the sweep; return the report's path. One process writes a
+    sweep folder at a time; SIGTERM or Ctrl-C stops after the current training step or image (the same command
+    continues)."""
+    sweep = load_sweep(config.sweep)
+    directory = Path(config.output)
+    # A worker (--only-run) works in the folder its sweep holds; its run and its samples have locks of their own.
+    lock = contextlib.nullcontext() if config.only_run else folder_lock(directory)
+    with lock, stop_requests("training step or image") as request:
+        return sweep_folder(config, sweep, directory, request)
+
+
+def sweep_folder(config: SweepConfig, sweep: Sweep, directory: Path, request: StopRequest) -> Path:
+    """`run_sweep` itself, holding the folder."""
     from dreambooth.class_images import top_up_class_images
     from dreambooth.report import write_report
 
-    sweep = load_sweep(config.sweep)
-    directory = Path(config.output)
     directory.mkdir(parents=True, exist_ok=True)
     trials = expand_trials(sweep)
     runs = group_runs(trials)
     if not config.only_run:  # a worker (--only-run) leaves the shared files to the process that started it
-        atomic_write_text(directory / SWEEP_COPY, Path(config.sweep).read_text(encoding="utf-8"))
+        check_sweep_folder(directory, Path(config.sweep))
+        text = Path(config.sweep).read_text(encoding="utf-8")
+        if not (directory / SWEEP_COPY).is_file() or (directory / SWEEP_COPY).read_text(encoding="utf-8") != text:
+            atomic_write_text(directory / SWEEP_COPY, text)
         earlier = read_trial_records(directory)
         for trial in trials:  # a resumed sweep shows what was finished before, until it passes that trial again
             trial.status = earlier.get(trial.name, {}).get("status", "pending")
@@ -164,42 +179,54 @@ def run_sweep(config: SweepConfig) -> Path:
 
         # 1. Class images, once per (model, class prompt, folder) for every run that uses them.
         for class_config in unique_class_image_configs(sweep, trials, directory):
-            top_up_class_images(class_config)
+            top_up_class_images(class_config, flag="--class-dir")
 
     # 2. Each run: train once, then sample and evaluate each of its trials.
     if config.only_run:
         if config.only_run not in runs:
             raise UserError(f"--only-run {config.only_run}: no such run in this sweep ({', '.join(runs)})")
-        run_each(sweep, {config.only_run: runs[config.only_run]}, directory)
+        run_each(sweep, {config.only_run: runs[config.only_run]}, directory, request)
         return directory / TRIALS
     if len(config.devices) > 1:
-        run_on_devices(config, runs, directory)
+        run_on_devices(config, runs, directory, request)
     else:
-        run_each(sweep, runs, directory)
+        run_each(sweep, runs, directory, request)
 
     # 3. The report.
+    stop_point(request, trials)
     html, _ = write_report(directory)
     print(f"sweep: report {html}")
     return html
 
 
-def run_each(sweep: Sweep, runs: dict[str, list[Trial]], directory: Path) -> None:
+def stop_point(request: StopRequest, trials: list[Trial]) -> None:
+    """Between pieces of work: stop if a signal asked to, saying how far the sweep got."""
+    if request.requested:
+        done = sum(trial.status == "done" for trial in trials)
+        request.stop(f"stopped after {done} of {len(trials)} trials ({signal_name(request.signum)}); "
+                     "run the same command again to continue")
+
+
+def run_each(sweep: Sweep, runs: dict[str, list[Trial]], directory: Path, request: StopRequest) -> None:
     """The runs one after another in this process."""
     clock = Progress(total_steps=sum(max(t.step for t in run_trials) for run_trials in runs.values()))
     models = None
+    every_trial = [trial for run_trials in runs.values() for trial in run_trials]
     for index, (run, run_trials) in enumerate(runs.items(), start=1):
         steps = [trial.step for trial in run_trials]
+        stop_point(request, every_trial)
         print(f"sweep: run {index}/{len(runs)} '{run}' (steps {', '.join(map(str, steps))}); {clock.estimate()}")
         try:
             run_paths = train_run(sweep, run_trials[0], directory, steps)
-        except UserError:
-            raise  # a mistake in the sweep file stops the sweep: every run would repeat it
+        except (UserError, Stopped):
+            raise  # a mistake in the sweep file (every run would repeat it), or a stop request, stops the sweep
         except Exception as error:  # a crash in one run must not lose the others; the trials record why
             mark(run_trials, "failed", f"training: {type(error).__name__}: {error}", directory)
             continue
         clock.done(max(steps), run_paths)
         mark(run_trials, "trained", None, directory)
         for trial in run_trials:
+            stop_point(request, every_trial)
             pipeline = run_paths.final_model if trial.step == max(steps) else run_paths.pipeline_at(trial.step)
             print(f"sweep: sampling trial '{trial.name}'")
             sample_trial(sweep, trial, pipeline, directory)
@@ -209,10 +236,12 @@ def run_each(sweep: Sweep, runs: dict[str, list[Trial]], directory: Path) -> Non
             mark([trial], "done", None, directory)
 
 
-def run_on_devices(config: SweepConfig, runs: dict[str, list[Trial]], directory: Path) -> None:
-    """One worker process per device, each taking the next run (`--only-run`) until none are left."""
+def run_on_devices(config: SweepConfig, runs: dict[str, list[Trial]], directory: Path, request: StopRequest) -> None:
+    """One worker process per device, each taking the next run (`--only-run`) until none are left. A stop request
+    is passed on to the workers (as SIGTERM: a second SIGINT would stop them at once), and no new one starts."""
     import os
     import queue
+    import signal
     import subprocess
     import sys
     from concurrent.futures import ThreadPoolExecutor
@@ -224,13 +253,21 @@ def run_on_devices(config: SweepConfig, runs: dict[str, list[Trial]], directory:
     def work(run: str) -> None:
         device = free.get()
         try:
+            if request.requested:
+                return
             print(f"sweep: run '{run}' on device {device}")
             command = [sys.executable, "-m", "dreambooth", "sweep", str(config.sweep), "--output", str(directory),
                        "--only-run", run]
-            result = subprocess.run(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": device})
-            if result.returncode != 0:
-                mark(runs[run], "failed", f"worker on device {device} exited with status {result.returncode}",
-                     directory)
+            worker = subprocess.Popen(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": device})
+            passed_on = False
+            while (status := worker.poll()) is None:
+                if request.requested and not passed_on:
+                    worker.send_signal(signal.SIGTERM)
+                    passed_on = True
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    worker.wait(timeout=0.5)
+            if status != 0 and not request.requested:  # a stopped worker's trials keep their status
+                mark(runs[run], "failed", f"worker on device {device} exited with status {status}", directory)
         finally:
             free.put(device)
 
@@ -276,14 +313,17 @@ def train_run(sweep: Sweep, trial: Trial, directory: Path, steps: list[int]):
 
 def sample_trial(sweep: Sweep, trial: Trial, pipeline: Path, directory: Path) -> Path:
     """`generate` the trial's prompts (and the plain class prompt, for PRES) with every sampling setting."""
-    from dreambooth.sampling import GRID, generate
+    from dreambooth.sampling import GRID, generate, generation_difference
 
     output = directory / "samples" / trial.name
     if (output / GRID).is_file():
         return output
-    if output.exists():
-        shutil.rmtree(output)  # a half-written sample folder of our own, from a killed sweep
-    return generate(generate_config(sweep, str(pipeline), output))
+    config = generate_config(sweep, str(pipeline), output)
+    # A sampling a killed sweep left half done continues; one with other settings (the sweep file was edited since)
+    # is moved aside into the folder's replaced-<time>/.
+    if generation_difference(output, config):
+        config = dataclasses.replace(config, overwrite=True)
+    return generate(config)
 
 
 def generate_config(sweep: Sweep, model: str, output: Path, source: str = "sweep file, `sampling:`") -> GenerateConfig:
