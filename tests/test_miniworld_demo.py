@@ -93,3 +93,18 @@ def test_a_lora_demo_also_learns_miru(tmp_path):
     assert tuned["clip_i"] - base["clip_i"] >= MIN_CLIP_I_GAIN
     assert tuned["marking_rate"] - base["marking_rate"] >= MIN_MARKING_RATE_GAIN - 0.1  # measured 0.417
     assert tuned["scene_accuracy"] >= MIN_LORA_SCENE_ACCURACY
+
+
+def test_a_stopped_demo_says_to_start_afresh_not_to_resume_its_training(tmp_path, monkeypatch):
+    import signal
+
+    import dreambooth.miniworld.demo as demo_module
+    from dreambooth.interrupts import Stopped
+
+    def stopped_in_training(config, output):
+        raise Stopped(signal.SIGTERM, "stopped at step 3 of 40 (SIGTERM); ...; continue with: dreambooth train ...")
+
+    monkeypatch.setattr(demo_module, "demo_stages", stopped_in_training)
+    with pytest.raises(Stopped, match=r"^the demo stopped \(SIGTERM\); run it again with --overwrite") as caught:
+        demo_module.run_demo(DemoConfig(output=str(tmp_path / "demo")))
+    assert caught.value.exit_status == 143

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from dreambooth.config import GenerateConfig, TrainConfig
 from dreambooth.errors import UserError
 from dreambooth.files import MANIFEST, atomic_write_text, move_aside, read_jsonl
+from dreambooth.interrupts import Stopped, signal_name
 from dreambooth.miniworld import weights_available
 from dreambooth.options import option, validate_fields
 
@@ -115,15 +116,24 @@ def train_settings(config: DemoConfig, output: Path, prior: bool = True) -> Trai
 
 def run_demo(config: DemoConfig) -> Path:
     """Run the demo into `config.output`; return the report's path."""
-    from dreambooth.miniworld import world
-    from dreambooth.sampling import generate
-    from dreambooth.train import train
-
     if not weights_available():
         raise UserError("the miniature world's weights are not installed; "
                         "run `python -m dreambooth.miniworld.pretrain`")
     output = Path(config.output)
     claim_demo_folder(output, config.overwrite)
+    try:
+        return demo_stages(config, output)
+    except Stopped as stop:  # a few minutes long, the demo starts afresh rather than resuming
+        raise Stopped(stop.signum, f"the demo stopped ({signal_name(stop.signum)}); run it again with --overwrite "
+                                   "to start afresh") from None
+
+
+def demo_stages(config: DemoConfig, output: Path) -> Path:
+    """The demo's stages, in order, into the claimed folder `output`."""
+    from dreambooth.miniworld import world
+    from dreambooth.sampling import generate
+    from dreambooth.train import train
+
     total = 6 if config.compare_without_prior else 5
     stage = iter(range(1, total + 1))
     sampling = dict(steps=config.sampling_steps, guidance=config.guidance, seeds=list(range(config.num_seeds)),
