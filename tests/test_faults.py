@@ -163,3 +163,76 @@ def test_a_full_disk_is_one_line_leaves_no_partial_files_and_resume_finishes(whe
     expected = straight_unet(tiny_model, instance_dir, tmp_path.parent, 4)
     assert max_difference(weights(output / "pipeline", "unet"), expected) == 0.0
     assert recorded_steps(output) == [1, 2, 3, 4]
+
+
+IMAGE_KILLER = """
+import os, signal, sys
+from PIL import Image
+save, saved = Image.Image.save, []
+def killed_on_the_third(self, fp, *args, **kwargs):  # half of the third image written, then kill -9
+    if len(saved) == 2:
+        open(fp, "wb").write(b"\\x89PNG half")
+        os.kill(os.getpid(), signal.SIGKILL)
+    saved.append(fp)
+    return save(self, fp, *args, **kwargs)
+Image.Image.save = killed_on_the_third
+from dreambooth.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def image_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*.png"))
+            if not path.name.startswith(".")}
+
+
+@pytest.mark.parametrize("command", ["generate", "class-images"])
+def test_kill_9_while_rendering_then_the_same_command_finishes_the_set(command, tiny_model, tmp_path):
+    """Killed inside the third image's write; the same command again removes the partial file, renders only what is
+    missing, and the folder's images equal an uninterrupted run's byte for byte."""
+    def args(output: Path) -> list[str]:
+        if command == "generate":
+            return ["generate", "--model", str(tiny_model), "--prompt", "a photo of a cat", "--steps", "2",
+                    "--guidance", "3", "--seeds", "0", "1", "2", "3", "--batch-size", "1",
+                    "--height", str(TINY_RESOLUTION), "--width", str(TINY_RESOLUTION), "--output", str(output)]
+        return ["class-images", "--model", str(tiny_model), "--prompt", "a photo of a cat", "--num-images", "4",
+                "--steps", "2", "--batch-size", "1", "--output", str(output)]
+
+    assert main(args(tmp_path / "straight")) == 0
+    killed = subprocess.run([sys.executable, "-c", IMAGE_KILLER, *args(tmp_path / "run")], capture_output=True,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    partial = [path.name for path in (tmp_path / "run").rglob(".*.tmp*")]
+    assert len(partial) == 1 and len(image_bytes(tmp_path / "run")) == 2
+    assert main(args(tmp_path / "run")) == 0
+    assert not list((tmp_path / "run").rglob(".*.tmp*"))
+    assert image_bytes(tmp_path / "run") == image_bytes(tmp_path / "straight")
+    manifest = (tmp_path / "run" / "manifest.jsonl").read_text().splitlines()
+    assert len(manifest) == 4 and len({line for line in manifest}) == 4  # every image listed once
+
+
+def test_a_full_disk_while_generating_is_one_line_and_the_same_command_finishes(tiny_model, tmp_path, monkeypatch,
+                                                                               capsys):
+    from PIL import Image
+
+    args = ["generate", "--model", str(tiny_model), "--prompt", "a photo of a cat", "--steps", "2", "--guidance",
+            "3", "--seeds", "0", "1", "2", "--batch-size", "1", "--height", str(TINY_RESOLUTION), "--width",
+            str(TINY_RESOLUTION), "--output", str(tmp_path / "run")]
+    save, calls = Image.Image.save, []
+
+    def full_on_the_second(self, fp, *rest, **kwargs):
+        calls.append(fp)
+        if len(calls) == 2:
+            Path(fp).write_bytes(b"\x89PNG half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(fp))
+        return save(self, fp, *rest, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Image.Image, "save", full_on_the_second)
+        assert main(args) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"dreambooth generate: error: the disk is full writing \S+\.png; nothing complete was "
+                        r"replaced: free some space, then run the same command again", line), line
+    assert not list((tmp_path / "run").rglob(".*.tmp*")) and len(image_bytes(tmp_path / "run")) == 1
+    assert main(args) == 0
+    assert len(image_bytes(tmp_path / "run")) == 4  # three images and the grid
