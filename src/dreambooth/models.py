@@ -1,8 +1,7 @@
 """Load the generator: the only place that calls from_pretrained / from_single_file for it.
 
-A MODEL is a hub id, a diffusers folder, a single checkpoint file or a finished RUN folder. Which
-Stable Diffusion family it is (SD 1.x / 2.x share one code path; SDXL has two text encoders) is told
-apart here and nowhere else, so training and sampling only ask `components.family`.
+A MODEL is a hub id, a diffusers folder, a single checkpoint file or a finished RUN folder. Its family (SD 1.x / 2.x
+or SDXL, from dreambooth.families) is decided once, on resolving it: training and sampling ask `components.family`.
 """
 
 from __future__ import annotations
@@ -19,8 +18,9 @@ import torch
 from dreambooth import lora
 from dreambooth.aliases import model_alias_folder
 from dreambooth.errors import UserError
+from dreambooth.families import (Family, check_config_family, folder_family, hub_family, pipeline_class_for,
+                                 single_file_family)
 
-Family = Literal["sd", "sdxl"]
 SourceKind = Literal["folder", "single_file", "hub"]
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
@@ -95,9 +95,9 @@ def resolve_model(model: str, allow_pickle: bool = False, model_config: str | No
             )
         if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
             raise UserError(f"--model {model}: a single-file model must be .safetensors (or .ckpt with --allow-pickle)")
-        family = _single_file_family(path)
+        family = single_file_family(path)
         if model_config:
-            _check_config_family(model_config, family, model)
+            check_config_family(model_config, family, model)
         return ModelSource("single_file", str(path), family, model, model_config=model_config,
                            allow_pickle=allow_pickle)
     if path.is_dir():
@@ -110,7 +110,13 @@ def resolve_model(model: str, allow_pickle: bool = False, model_config: str | No
             "nor a finished run (no pipeline/model_index.json)"
         )
     if HUB_ID.match(model) and not model.startswith((".", "~")):
-        return ModelSource("hub", model, _hub_family(model), model, allow_pickle=allow_pickle)
+        try:
+            family = hub_family(model)
+        except UserError:
+            raise
+        except Exception as error:  # the hub client raises many types; all mean "could not get it"
+            raise UserError(_load_failure(ModelSource("hub", model, "sd", model), error)) from error
+        return ModelSource("hub", model, family, model, allow_pickle=allow_pickle)
     raise UserError(f"--model {model}: no such file or folder, and not a hub id of the form owner/name")
 
 
@@ -118,7 +124,7 @@ def _folder_source(folder: Path, model: str, allow_pickle: bool) -> ModelSource:
     """A diffusers pipeline folder, refused now (not after minutes of data loading) if it loads from a pickle.
     The safety checker (training and class images never load it) and the VAE (--vae may replace it) are left to
     load_pipeline, which knows."""
-    source = ModelSource("folder", str(folder), _folder_family(folder), model, allow_pickle=allow_pickle)
+    source = ModelSource("folder", str(folder), folder_family(folder), model, allow_pickle=allow_pickle)
     check_pickled_components(source, skip=("safety_checker", "vae"))
     return source
 
@@ -180,7 +186,7 @@ def load_pipeline(
         raise UserError(f"--lora-scale {lora_scale}: {source.requested} is not a LoRA run")
     # Components passed in (or None: not wanted) are not read from the folder, so their files do not matter.
     check_pickled_components(source, skip=component_overrides.keys() | ({"vae"} if vae else set()))
-    pipeline_class = _pipeline_class(source.family)
+    pipeline_class = pipeline_class_for(source.family)
     kwargs: dict[str, Any] = dict(component_overrides)
     if vae:
         # Components passed in are not cast by from_pretrained: the VAE is loaded in the pipeline's dtype.
@@ -355,76 +361,6 @@ def _dtype_keyword() -> str:
     import diffusers.utils.deprecation_utils as deprecation
 
     return "dtype" if hasattr(deprecation, "_resolve_dtype") else "torch_dtype"
-
-
-def _pipeline_class(family: Family) -> type:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-
-
-def _folder_family(folder: Path) -> Family:
-    try:
-        class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserError(f"--model {folder}: model_index.json is unreadable ({error})") from error
-    return _family_from_class_name(class_name, str(folder))
-
-
-# Pipelines whose UNet, VAE and text encoders this trainer knows (the img2img classes share the text-to-image
-# parts). SD 3, Flux and the inpainting UNets (9 input channels) are different models.
-TRAINABLE_PIPELINES: dict[str, Family] = {
-    "StableDiffusionPipeline": "sd", "StableDiffusionImg2ImgPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl",
-}
-
-
-def _family_from_class_name(class_name: str, where: str) -> Family:
-    if class_name in TRAINABLE_PIPELINES:
-        return TRAINABLE_PIPELINES[class_name]
-    raise UserError(f"--model {where}: a {class_name or 'unknown'} pipeline is not a model family dreambooth can "
-                    "train; it trains Stable Diffusion 1.x, 2.x and SDXL")
-
-
-def _check_config_family(model_config: str, family: Family, model: str) -> None:
-    """A single file read with the configs of another family loads garbage or fails deep inside diffusers."""
-    from diffusers import DiffusionPipeline
-
-    try:
-        class_name = DiffusionPipeline.load_config(model_config).get("_class_name", "")
-    except Exception as error:  # the hub client raises many types; all mean "could not read it"
-        message = f"--model-config {model_config}: not a diffusers pipeline folder or hub id ({error})"
-        raise UserError(message) from error
-    config_family = _family_from_class_name(class_name, model_config)
-    if config_family != family:
-        names = {"sd": "SD 1.x / 2.x", "sdxl": "SDXL"}
-        raise UserError(f"--model-config {model_config}: describes an {names[config_family]} pipeline but "
-                        f"{model} is an {names[family]} checkpoint; give the matching config")
-
-
-def _single_file_family(path: Path) -> Family:
-    """SDXL checkpoints carry a second text encoder under `conditioner.embedders.1`."""
-    if path.suffix.lower() != ".safetensors":
-        return "sd"  # pickled files are not opened before loading; diffusers infers their layout
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = handle.keys()
-    except Exception as error:  # safetensors raises its own error types for a damaged header
-        raise UserError(f"--model {path}: not a readable .safetensors file ({error})") from error
-    return "sdxl" if any(key.startswith("conditioner.embedders.1") for key in keys) else "sd"
-
-
-def _hub_family(model_id: str) -> Family:
-    from diffusers import DiffusionPipeline
-
-    try:
-        config = DiffusionPipeline.load_config(model_id)
-    except Exception as error:  # the hub client raises many types; all mean "could not get it"
-        source = ModelSource("hub", model_id, "sd", model_id)
-        raise UserError(_load_failure(source, error)) from error
-    return _family_from_class_name(config.get("_class_name", ""), model_id)
 
 
 def use_safetensors(source: ModelSource) -> bool | None:
