@@ -97,9 +97,14 @@ def test_a_top_up_refuses_a_folder_another_process_writes(tiny_model, tmp_path):
         with pytest.raises(UserError, match=rf"^--class-dir {folder}: process {os.getpid()} on .* is writing it"):
             top_up_class_images(config_for(tiny_model, folder, 2), flag="--class-dir")
         assert [p.name for p in folder.iterdir()] == [".lock"]
-        # A full folder is only read: trains sharing a class folder may start side by side.
+        # A full folder is only read: trains sharing a class folder may start side by side. The writer's temp file
+        # is live while it holds the folder, and left over once it is gone.
         write_images(folder, 2)
+        (folder / ".class-00009.0123abcd.tmp.png").write_bytes(b"being written")
         assert len(top_up_class_images(config_for(tiny_model, folder, 2))) == 2
+        assert (folder / ".class-00009.0123abcd.tmp.png").is_file()
+    assert len(top_up_class_images(config_for(tiny_model, folder, 2))) == 2
+    assert not (folder / ".class-00009.0123abcd.tmp.png").exists()
 
 
 def test_new_names_never_name_anything_already_there(tmp_path):

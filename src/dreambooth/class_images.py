@@ -7,6 +7,7 @@ One process adds to a folder at a time (its lock); SIGTERM or Ctrl-C stops after
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -50,9 +51,13 @@ def top_up_class_images(config: ClassImagesConfig, flag: str = "--output") -> li
     folder = Path(config.output)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag} {folder}: exists and is not a folder; class images need a folder")
-    # A full folder is only read, without its lock: trains sharing one class folder start side by side.
     have = existing_images(folder)
-    if len(have) >= config.num_images and not partial_files(folder):
+    if len(have) >= config.num_images:
+        # A full folder is only read, so trains sharing it start side by side; a killed writer's leftovers go
+        # unless a writer holds the folder now (its temp files are live).
+        if partial_files(folder):
+            with contextlib.suppress(UserError), folder_lock(folder, flag):
+                remove_partial_files(folder)
         print(f"class images: {folder} already holds {len(have)} (wanted {config.num_images}); nothing to generate")
         return have
     with folder_lock(folder, flag), stop_requests("image") as request:
