@@ -261,8 +261,7 @@ def make_grid(rows: list[list[Image.Image]], row_labels: list[str], column_label
 
 
 def _source(value: str | None) -> str | None:
-    """A model, VAE or model config as generations are compared: a local path by what it names (relative or
-    absolute, a trailing slash), anything else (a hub id) as written."""
+    """A model, VAE or model config as compared: a local path by what it names, anything else (a hub id) as is."""
     if value is None:
         return None
     path = Path(value).expanduser()
@@ -282,6 +281,11 @@ def generation_record(config: GenerateConfig) -> dict[str, Any]:
               "steps": list(dict.fromkeys(config.steps)), "guidance": list(dict.fromkeys(config.guidance)),
               "height": config.height, "width": config.width}
     return json.loads(json.dumps(record))  # as it reads back from the file (tuples become lists)
+
+
+def load_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 def holds_generation(folder: Path) -> bool:
@@ -312,9 +316,8 @@ def generation_difference(folder: Path, config: GenerateConfig) -> str | None:
 
 
 def claim_output(folder: Path, config: GenerateConfig) -> dict[str, Any] | None:
-    """The recorded settings of the generation in `folder` that `config` continues, or None to start afresh (an
-    empty folder, or --overwrite, which moves the earlier generation aside); a folder holding another generation is
-    refused. Call it holding the folder's lock."""
+    """The recorded settings of the generation in `folder` that `config` continues, or None to start afresh (none
+    there, or --overwrite: moved aside); another generation is refused. Call it holding the folder's lock."""
     if not holds_generation(folder):
         return None
     if config.overwrite:
@@ -330,11 +333,6 @@ def claim_output(folder: Path, config: GenerateConfig) -> dict[str, Any] | None:
 def image_name(setting: SamplingSetting, prompt_index: int, seed: int, with_scheduler: bool = False) -> str:
     prefix = f"{setting.scheduler}-" if with_scheduler else ""
     return f"{prefix}s{setting.steps}-g{setting.guidance:g}-p{prompt_index}-seed{seed}.png"
-
-
-def _load_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
 
 
 def generate(config: GenerateConfig) -> Path:
@@ -397,7 +395,7 @@ def generate(config: GenerateConfig) -> Path:
                 progress.update(len(batch))
 
         # The grid from the files, so a continued folder's grid is an uninterrupted one's.
-        rows = [[_load_rgb(output / files[setting, p, seed]) for p, seed in columns] for setting in settings]
+        rows = [[load_rgb(output / files[setting, p, seed]) for p, seed in columns] for setting in settings]
         column_labels = [f"{prompts[p]}\nseed {seed}" for p, seed in columns]
         grid = make_grid(rows, [setting.label for setting in settings], column_labels)
         save_png(grid, output / GRID, {"model": model_label, "rows": json.dumps([s.label for s in settings]),
