@@ -96,7 +96,7 @@ def test_a_top_up_refuses_a_folder_another_process_writes(tiny_model, tmp_path):
     with folder_lock(folder, "--class-dir"):  # as another top-up holding it would
         with pytest.raises(UserError, match=rf"^--class-dir {folder}: process {os.getpid()} on .* is writing it"):
             top_up_class_images(config_for(tiny_model, folder, 2), flag="--class-dir")
-        assert [p.name for p in folder.iterdir()] == [".lock"]
+        assert [p.name for p in folder.iterdir()] == [".dreambooth.lock"]
         # A full folder is only read: trains sharing a class folder may start side by side. The writer's temp file
         # is live while it holds the folder, and left over once it is gone.
         write_images(folder, 2)

@@ -96,3 +96,10 @@ def test_generate_lists_and_round_trip():
     config = build_config(GenerateConfig, {"model": "m", "prompt": "one prompt", "output": "o", "steps": [30, 50]}, {})
     assert config.prompt == ["one prompt"] and config.steps == [30, 50]
     assert build_config(GenerateConfig, to_dict(config), {}) == config
+
+
+@pytest.mark.parametrize("flag", ["instance_dir", "class_dir"])
+def test_the_run_folder_cannot_hold_the_runs_own_images(flag, tmp_path):
+    images = {"instance_dir": str(tmp_path / "inst"), "class_dir": str(tmp_path / "class"), flag: str(tmp_path) + "/"}
+    with pytest.raises(UserError, match=rf"^--{flag.replace('_', '-')} .*: is the --output run folder"):
+        TrainConfig(model="m", instance_prompt="p", class_prompt="a cat", output=str(tmp_path), **images)

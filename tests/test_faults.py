@@ -88,7 +88,7 @@ def test_a_signal_finishes_the_step_checkpoints_and_prints_the_command_that_resu
     stopped = int(found.group(1))
     assert Path(found.group(2)) == output / "checkpoints" / f"step-{stopped:06d}" and Path(found.group(2)).is_dir()
     assert recorded_steps(output) == list(range(1, stopped + 1))
-    assert not (output / ".lock").exists()
+    assert not (output / ".dreambooth.lock").exists()
 
     # The printed command, as printed (run here in-process), continues the run to where a straight one ends.
     total = max(stopped + 1, 8)
@@ -153,7 +153,7 @@ def test_a_full_disk_is_one_line_leaves_no_partial_files_and_resume_finishes(whe
     assert re.fullmatch(r"dreambooth train: error: the disk is full writing \S+; nothing complete was replaced: "
                         rf"free some space, then continue with dreambooth train --config {output}/config.yaml "
                         r"--resume", line), line
-    leftovers = [path.name for path in output.rglob(".*") if path.name != ".lock"]
+    leftovers = [path.name for path in output.rglob(".*") if path.name != ".dreambooth.lock"]
     assert leftovers == []  # no temporary file or folder stays to fill the disk
     complete = sorted(folder.name for folder in (output / "checkpoints").iterdir())
     assert complete == (["step-000002"] if where == "checkpoint" else ["step-000002", "step-000004"])

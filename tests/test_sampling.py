@@ -326,7 +326,7 @@ def test_a_stopped_generate_continues_to_the_folder_an_uninterrupted_run_makes(t
     assert stop.value.exit_status == 128 + signal.SIGTERM
     monkeypatch.setattr(sampling, "save_listed_image", real_save)
     assert sorted(p.name for p in (out / "images").iterdir()) == [f"s2-g7.5-p0-seed{s}.png" for s in range(3)]
-    assert not (out / ".lock").exists() and not (out / "grid.png").exists()
+    assert not (out / ".dreambooth.lock").exists() and not (out / "grid.png").exists()
 
     # A listed image gone (its batch is rendered whole again), partial temp files as a kill -9 leaves them.
     (out / "images" / "s2-g7.5-p0-seed2.png").unlink()
@@ -374,5 +374,5 @@ def test_generate_refuses_a_folder_another_process_writes(tiny_model, tmp_path):
     with folder_lock(out):  # as another generate holding it would
         with pytest.raises(UserError, match=rf"^--output {out}: process {os.getpid()} on .* is writing it"):
             generate(generate_config(tiny_model, out))
-        assert [p.name for p in out.iterdir()] == [".lock"]
+        assert [p.name for p in out.iterdir()] == [".dreambooth.lock"]
     assert not out.exists()

@@ -251,7 +251,7 @@ def test_a_stopped_sweep_lets_the_folder_go_and_the_same_command_continues(tiny_
     monkeypatch.setattr(training, "train", stopped_training)
     with pytest.raises(Stopped, match="after step 1"):
         run_sweep(config)
-    assert trial_statuses(output) == ["pending", "pending"] and not (output / ".lock").exists()
+    assert trial_statuses(output) == ["pending", "pending"] and not (output / ".dreambooth.lock").exists()
 
     # SIGTERM while the first trial is sampled: that trial is finished, then the sweep stops.
     monkeypatch.setattr(training, "train", real_train)
@@ -267,7 +267,7 @@ def test_a_stopped_sweep_lets_the_folder_go_and_the_same_command_continues(tiny_
                                       r"continue$") as stop:
         run_sweep(config)
     assert stop.value.exit_status == 128 + signal.SIGTERM
-    assert trial_statuses(output) == ["done", "trained"] and not (output / ".lock").exists()
+    assert trial_statuses(output) == ["done", "trained"] and not (output / ".dreambooth.lock").exists()
     first_grid = (output / "samples" / "run-steps1" / "grid.png").read_bytes()
 
     # The same command: nothing trained or sampled twice.

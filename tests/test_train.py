@@ -336,7 +336,7 @@ def test_one_writer_per_run_folder_and_a_dead_writers_lock_is_taken_over(tiny_mo
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.monotonic() + 120
-        while not ((folder / ".lock").is_file() and (folder / ".lock").read_text()):
+        while not ((folder / ".dreambooth.lock").is_file() and (folder / ".dreambooth.lock").read_text()):
             assert time.monotonic() < deadline and writer.poll() is None, "the first train never took the lock"
             time.sleep(0.2)
         with pytest.raises(UserError, match=rf"--output .*: process {writer.pid} on .* is writing it"):
@@ -348,7 +348,7 @@ def test_one_writer_per_run_folder_and_a_dead_writers_lock_is_taken_over(tiny_mo
     paths = train(make_config(tiny_model, instance_dir, folder, max_train_steps=1, overwrite=True))
     assert f"process {writer.pid} on" in capsys.readouterr().err  # "... stopped without releasing it; taking over"
     assert len(paths.metrics.read_text().splitlines()) == 1
-    assert not (folder / ".lock").exists()  # released when the run ended
+    assert not (folder / ".dreambooth.lock").exists()  # released when the run ended
 
 
 def test_resume_with_other_settings_is_refused(tiny_model, instance_dir, tmp_path):
@@ -563,3 +563,11 @@ def test_a_resolution_too_small_for_the_vae_is_refused_before_anything_is_writte
     with pytest.raises(UserError, match=r"^--resolution 8: the latents would be 4x4 \(the VAE shrinks images 2x\)"):
         train(make_config(tiny_model, instance_dir, tmp_path / "run", resolution=8))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_class_folder_another_process_fills_is_named_by_its_flag(tiny_model, instance_dir, tmp_path):
+    from dreambooth.files import folder_lock
+
+    with folder_lock(tmp_path / "class"), pytest.raises(UserError, match=r"^--class-dir .*class: process \d+ on"):
+        train(make_config(tiny_model, instance_dir, tmp_path / "run", class_dir=str(tmp_path / "class"),
+                          class_prompt="a photo of a cat", num_class_images=2))

@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 from dreambooth.config import ClassImagesConfig
 from dreambooth.data import IMAGE_SUFFIXES
 from dreambooth.errors import UserError
-from dreambooth.files import folder_lock
+from dreambooth.files import folder_lock, partial_files, remove_partial_files
 from dreambooth.interrupts import signal_name, stop_requests
 from dreambooth.models import default_device, inference_dtype, load_pipeline, resolve_model, without_safety_checker
-from dreambooth.sampling import SamplingSetting, partial_files, remove_partial_files, render, save_listed_image
+from dreambooth.sampling import SamplingSetting, render, save_listed_image
 
 GENERATED_NAME = re.compile(r"^class-(\d{5,})\.png$", re.IGNORECASE)
 

@@ -4,6 +4,7 @@ and a config-file key lives in options.py).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from dreambooth.errors import UserError
@@ -188,6 +189,11 @@ class TrainConfig:
             raise UserError("--class-prompt needs --class-dir (where the class images are kept)")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
+        for flag, folder in (("--instance-dir", self.instance_dir), ("--class-dir", self.class_dir)):
+            # The run folder is locked and, with --overwrite, moved aside: it cannot hold the run's own images.
+            if folder and os.path.realpath(folder) == os.path.realpath(self.output):
+                raise UserError(f"{flag} {folder}: is the --output run folder; keep the images in a folder of their "
+                                "own")
 
     def _resolve_lora(self) -> None:
         """Fill in the defaults that depend on --lora-rank, and refuse LoRA options without it."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -20,6 +21,10 @@ from typing import Any
 from dreambooth.errors import UserError
 
 MANIFEST = "manifest.jsonl"  # beside a folder of images (generate, class images): one JSON line per image
+
+
+# atomic_file's temporary names (".NAME.<8 hex>.tmp.SUFFIX"): what a writer killed mid-write leaves behind.
+PARTIAL_FILE = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp(\.\w+)?$")
 
 
 @contextlib.contextmanager
@@ -77,6 +82,23 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def partial_files(folder: Path) -> list[Path]:
+    """The temporary files in `folder` named as files.atomic_file names them (a writer's, or one killed mid-write)."""
+    if not folder.is_dir():
+        return []
+    return [path for path in folder.iterdir()
+            if PARTIAL_FILE.match(path.name) and path.is_file() and not path.is_symlink()]
+
+
+def remove_partial_files(folder: Path) -> int:
+    """Remove what writers killed mid-write left in `folder` (only temp names, never anything else); return how many.
+    Call it only holding the folder's lock: a live writer's temp files are not left over."""
+    partial = partial_files(folder)
+    for path in partial:
+        path.unlink(missing_ok=True)
+    return len(partial)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success it replaces `final` in one rename."""
@@ -117,7 +139,7 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-LOCK_FILE = ".lock"  # in a folder being written (a run, a generation, class images, a sweep): who is writing it
+LOCK_FILE = ".dreambooth.lock"  # in a folder being written (a run, a generation, class images, a sweep): its writer
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -20,18 +19,18 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from dreambooth.config import SCHEDULER_NAMES, GenerateConfig
+from dreambooth.encoding import warn_long_prompts
 from dreambooth.errors import UserError
 from dreambooth.files import (MANIFEST, append_jsonl, atomic_file, atomic_write_text, folder_lock, move_aside,
-                              read_jsonl)
+                              read_jsonl, remove_partial_files)
 from dreambooth.interrupts import signal_name, stop_requests
-from dreambooth.models import default_device, inference_dtype, load_pipeline, resolve_model
+from dreambooth.models import (check_latent_size, default_device, inference_dtype, load_pipeline, resolve_model,
+                               source_vae_scale_factor)
 
 IMAGES = "images"
 GRID = "grid.png"
 SETTINGS = "generate.json"  # what the generation in a folder was made with, written before its first image
 GENERATION_FILES = [IMAGES, MANIFEST, GRID, SETTINGS]
-# files.atomic_file's temporary names (".NAME.<8 hex>.tmp.SUFFIX"): what a writer killed mid-write leaves behind.
-PARTIAL_FILE = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp(\.\w+)?$")
 
 # Names AUTOMATIC1111 / ComfyUI readers recognise in a "parameters" chunk.
 A1111_SAMPLER_NAMES = {
@@ -172,23 +171,6 @@ def save_listed_image(image: Image.Image, folder: Path, file: str, prompt: str, 
     if not listed:
         append_jsonl(Path(folder) / MANIFEST, record)  # after the image: a line never names a missing file
     return record
-
-
-def partial_files(folder: Path) -> list[Path]:
-    """The temporary files in `folder` named as files.atomic_file names them (a writer's, or one killed mid-write)."""
-    if not folder.is_dir():
-        return []
-    return [path for path in folder.iterdir()
-            if PARTIAL_FILE.match(path.name) and path.is_file() and not path.is_symlink()]
-
-
-def remove_partial_files(folder: Path) -> int:
-    """Remove what writers killed mid-write left in `folder` (only temp names, never anything else); return how many.
-    Call it only holding the folder's lock: a live writer's temp files are not left over."""
-    partial = partial_files(folder)
-    for path in partial:
-        path.unlink(missing_ok=True)
-    return len(partial)
 
 
 def _wrap(text: str, font, width: float) -> list[str]:
@@ -372,8 +354,12 @@ def generate(config: GenerateConfig) -> Path:
         if todo:
             device = default_device()
             source = resolve_model(config.model, config.allow_pickle, config.model_config)
+            check_latent_size(source_vae_scale_factor(source), {"--height": config.height, "--width": config.width})
             pipeline = load_pipeline(source, torch_dtype=inference_dtype(device), lora_scale=config.lora_scale,
                                      vae=config.vae).to(device)
+            warn_long_prompts(pipeline.tokenizer, prompts, "--prompt")
+            warn_long_prompts(pipeline.tokenizer, [config.negative_prompt] if config.negative_prompt else [],
+                              "--negative-prompt")
             if earlier is None:  # before the first image, so a folder never holds images of unknown settings
                 record = {**generation_record(config), "batch_size": batch_size, "model_label": model_label}
                 atomic_write_text(output / SETTINGS, json.dumps(record, indent=1) + "\n")

@@ -120,7 +120,7 @@ def train_run(config: TrainConfig, stop: StopRequest) -> RunPaths:
     classes = None
     if config.with_prior_preservation:
         with accelerator.main_process_first():
-            top_up_class_images(class_images_config(config))
+            top_up_class_images(class_images_config(config), flag="--class-dir")
         classes = load_examples(config.class_dir, config.class_prompt, "--class-dir", limit=config.num_class_images)
     data = DreamBoothData(instance, classes, config.resolution, config.center_crop, config.random_flip, config.seed)
 
