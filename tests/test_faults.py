@@ -39,11 +39,21 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def child_env() -> dict[str, str]:
+    """This process's thread count for a child: float sums over other thread counts differ in the last bits, and an
+    interrupted run is compared bit for bit with a reference computed here."""
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
+def default_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # CI may start the tests with SIGINT ignored; a child inherits it
+
+
 def start_train(tiny_model: Path, instance_dir: Path, output: Path, *extra: str, code: str | None = None):
     command = [sys.executable, *(["-c", code] if code else ["-m", "dreambooth"]), "train", "--model", str(tiny_model),
                "--instance-dir", str(instance_dir), "--output", str(output), *SETTINGS, *extra]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+                            preexec_fn=default_ctrl_c)
 
 
 def wait_for_steps(process: subprocess.Popen, output: Path, steps: int) -> None:
@@ -200,7 +210,7 @@ def test_kill_9_while_rendering_then_the_same_command_finishes_the_set(command, 
 
     assert main(args(tmp_path / "straight")) == 0
     killed = subprocess.run([sys.executable, "-c", IMAGE_KILLER, *args(tmp_path / "run")], capture_output=True,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+                            text=True, env=child_env(), timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     partial = [path.name for path in (tmp_path / "run").rglob(".*.tmp*")]
     assert len(partial) == 1 and len(image_bytes(tmp_path / "run")) == 2

@@ -24,13 +24,29 @@ def test_sigterm_sets_the_request_instead_of_ending_the_process_and_handlers_com
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_a_second_ctrl_c_stops_at_once():
+@pytest.fixture
+def ctrl_c_handled():
+    """SIGINT as an interactive terminal gives it (CI may start the tests with it ignored)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_a_second_ctrl_c_stops_at_once(ctrl_c_handled):
     with stop_requests("optimizer step") as request:
         os.kill(os.getpid(), signal.SIGINT)
         assert request.signum == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_ctrl_c_stays_ignored(ctrl_c_handled):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a shell's background job
+    with stop_requests("image") as request:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert not request.requested
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_nested_blocks_share_the_outer_request():

@@ -358,6 +358,7 @@ def test_every_training_setting_has_a_row():
         "resolution",  # every row: the hand pixels are cut at the resolution
         "max_train_steps",  # the schedule rows count the optimizer steps
         "save_pipeline_at", "checkpoint_every", "keep_checkpoints", "resume", "overwrite",  # test_train.py
+        "checkpoint_minutes", "on_nan",  # test_train.py (timed checkpoints; skipped updates), test_faults.py
         "validation_prompt", "validation_every", "validation_seeds", "validation_sampling_steps",  # test_train.py
         "allow_pickle", "model_config", "vae",  # test_models.py
         "estimate_memory",  # test_memory.py: it stops before training

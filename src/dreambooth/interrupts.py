@@ -54,7 +54,8 @@ _current: StopRequest | None = None  # the request of the outermost active block
 def stop_requests(safe_point: str) -> Iterator[StopRequest]:
     """For the block, SIGTERM and SIGINT set the yielded request (and say so on stderr) instead of ending the
     process; a second SIGINT raises KeyboardInterrupt at once. Nested blocks share the outer block's request.
-    Outside the main thread (where Python cannot install handlers) the request is never set."""
+    Outside the main thread (where Python cannot install handlers) the request is never set, and a signal the
+    process ignores is left ignored."""
     global _current
     if _current is not None:
         yield _current
@@ -72,7 +73,9 @@ def stop_requests(safe_point: str) -> Iterator[StopRequest]:
             print(f"\n{signal.Signals(signum).name}: stopping after the current {safe_point} "
                   "(Ctrl-C again to stop at once)", file=sys.stderr)
 
-    previous = {signum: signal.signal(signum, handle) for signum in HANDLED}
+    # A signal the parent set to be ignored (SIGINT for a shell's background job) stays ignored.
+    previous = {signum: signal.signal(signum, handle) for signum in HANDLED
+                if signal.getsignal(signum) is not signal.SIG_IGN}
     _current = request
     try:
         yield request
