@@ -246,3 +246,32 @@ def test_a_full_disk_while_generating_is_one_line_and_the_same_command_finishes(
     assert not list((tmp_path / "run").rglob(".*.tmp*")) and len(image_bytes(tmp_path / "run")) == 1
     assert main(args) == 0
     assert len(image_bytes(tmp_path / "run")) == 4  # three images and the grid
+
+
+@pytest.mark.parametrize("megabytes", [25, 30])  # the third checkpoint's weights (safetensors), its optimizer (torch)
+def test_a_real_full_disk_is_one_line_and_the_printed_command_finishes_once_there_is_space(megabytes, tiny_model,
+                                                                                          instance_dir, tmp_path,
+                                                                                          capsys):
+    """Not a simulation: a filesystem too small for a third checkpoint. torch and safetensors each word a full disk
+    their own way (a RuntimeError, a SafetensorError); both end in the one line."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(small)],
+                           capture_output=True)
+    if mount.returncode:
+        pytest.skip("cannot mount a small filesystem here (it takes root)")
+    try:
+        output = small / "run"
+        assert main(["train", "--model", str(tiny_model), "--instance-dir", str(instance_dir), "--output", str(output),
+                     *SETTINGS, "--max-train-steps", "5", "--checkpoint-every", "1"]) == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert re.fullmatch(r"dreambooth train: error: the disk is full writing \S+; nothing complete was replaced: "
+                            r"free some space, then continue with dreambooth train --config \S+ --resume", line), line
+        assert [path.name for path in output.rglob(".*") if path.name != ".dreambooth.lock"] == []
+        assert sorted(path.name for path in (output / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+        subprocess.run(["mount", "-o", "remount,size=200m", str(small)], check=True)
+        assert main(["train", "--config", str(output / "config.yaml"), "--resume"]) == 0
+        expected = straight_unet(tiny_model, instance_dir, tmp_path.parent, 5)
+        assert max_difference(weights(output / "pipeline", "unet"), expected) == 0.0
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)

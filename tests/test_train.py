@@ -212,6 +212,9 @@ def test_resume_skips_a_damaged_newest_checkpoint_for_the_one_before(damaged, ti
     assert "step-000002 is damaged" in capsys.readouterr().err
     assert max_difference(weights(straight.pipeline, "unet"), weights(resumed.pipeline, "unet")) == 0.0
     assert [json.loads(line)["step"] for line in resumed.metrics.read_text().splitlines()] == [1, 2, 3]
+    # Kept aside, not deleted, and no longer one of the --keep-checkpoints 2 (the new 2 and 3).
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step-000002", "step-000002.damaged", "step-000003"]
     for folder in (tmp_path / "run" / "checkpoints").iterdir():  # now every checkpoint is damaged: one line
         for file in folder.glob("model*.safetensors"):
             file.write_bytes(b"garbage")

@@ -18,7 +18,8 @@ from typing import Any
 
 from dreambooth import lora
 from dreambooth.errors import UserError
-from dreambooth.files import LOCK_FILE, atomic_write_text, move_aside, read_jsonl, replace_dir, write_jsonl
+from dreambooth.files import (LOCK_FILE, as_disk_full, atomic_write_text, move_aside, read_jsonl, replace_dir,
+                              write_jsonl)
 
 STEP_FOLDER = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "state.json"
@@ -159,10 +160,13 @@ def save_checkpoint(accelerator, paths: RunPaths, step: int, keep: int) -> Path:
         if accelerator.is_main_process:
             atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step}))
             replace_dir(tmp, final)
-    except BaseException:
+    except BaseException as error:
         # A full disk (or a second Ctrl-C) mid-write: the partial folder goes, so the space comes back and the
         # older checkpoints stay as they were.
+        full = as_disk_full(error, tmp) if isinstance(error, Exception) else error
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not error:
+            raise full from error
         raise
     if accelerator.is_main_process:
         for _, old in list_checkpoints(paths)[:-keep]:
@@ -200,7 +204,14 @@ def load_latest_checkpoint(accelerator, paths: RunPaths, partial_models: list | 
             raise
         except Exception as error:  # noqa: BLE001 - whatever a damaged file makes torch or safetensors raise
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            print(f"--resume: {folder} is damaged ({reason}); trying the checkpoint before it", file=sys.stderr)
+            # Renamed, not deleted: out of the list of checkpoints (and of --keep-checkpoints' count), still there.
+            kept = folder.with_name(f"{folder.name}.damaged")
+            while kept.exists():
+                kept = kept.with_name(f"{kept.name}-1")
+            if accelerator.is_main_process:
+                os.replace(folder, kept)
+            print(f"--resume: {folder} is damaged ({reason}); moved it to {kept.name} and trying the checkpoint "
+                  "before it", file=sys.stderr)
     if checkpoints:
         raise UserError(f"--resume: none of the {len(checkpoints)} checkpoints in {paths.checkpoints} loads; "
                         "start afresh with --overwrite")

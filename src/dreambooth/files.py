@@ -7,6 +7,7 @@ run killed with `kill -9` leaves either the old state or the new one, never half
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -38,8 +39,29 @@ def atomic_file(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except Exception as error:
+        full = as_disk_full(error, tmp)  # judged before the partial file goes (below) and frees its space
+        if full is not error:
+            raise full from error
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+DISK_NEARLY_FULL = 64 * 2**20  # bytes: a write that fails with less than this left is taken for a full disk
+
+
+def as_disk_full(error: Exception, path: Path) -> Exception:
+    """`error`, or, if it is a library's own wording of a full disk (torch's zip writer raises RuntimeError, and
+    safetensors its own error) and the disk holding `path` has almost no space left, an OSError(ENOSPC) naming
+    `path`: every command turns that one into one line."""
+    if isinstance(error, OSError):
+        return error
+    try:
+        free = shutil.disk_usage(next(parent for parent in (path, *path.parents) if parent.exists())).free
+    except (OSError, StopIteration):
+        return error
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) if free < DISK_NEARLY_FULL else error
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -107,8 +129,11 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as error:
+        full = as_disk_full(error, tmp) if isinstance(error, Exception) else error
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not error:
+            raise full from error
         raise
     replace_dir(tmp, final)
 
