@@ -275,3 +275,18 @@ def test_a_real_full_disk_is_one_line_and_the_printed_command_finishes_once_ther
         assert max_difference(weights(output / "pipeline", "unet"), expected) == 0.0
     finally:
         subprocess.run(["umount", str(small)], capture_output=True)
+
+
+def test_a_full_disk_before_the_run_has_settings_says_to_run_the_command_again(tiny_model, instance_dir, tmp_path,
+                                                                              monkeypatch, capsys):
+    from PIL import Image
+
+    def full(self, fp, *rest, **kwargs):  # the first class image the run tops its folder up with
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(fp))
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    assert main(["train", "--model", str(tiny_model), "--instance-dir", str(instance_dir), "--output",
+                 str(tmp_path / "run"), *SETTINGS, "--class-dir", str(tmp_path / "class"), "--class-prompt",
+                 "a photo of a cat", "--num-class-images", "1", "--class-image-steps", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("free some space, then run the same command again")
+    assert not (tmp_path / "run" / "config.yaml").exists()

@@ -77,8 +77,10 @@ def train(config: TrainConfig) -> RunPaths:
                 raise
             # Every write is atomic and its temporary file removed on failure, so what is complete stays so.
             where = f" writing {error.filename}" if error.filename else ""
-            raise UserError(f"the disk is full{where}; nothing complete was replaced: free some space, then "
-                            f"continue with {resume_command(RunPaths(Path(config.output)))}") from error
+            paths = RunPaths(Path(config.output))
+            then = f"continue with {resume_command(paths)}" if paths.config.is_file() else "run the same command again"
+            raise UserError(f"the disk is full{where}; nothing complete was replaced: free some space, then {then}"
+                            ) from error
 
 
 def resume_command(paths: RunPaths) -> str:
