@@ -17,8 +17,8 @@ from dreambooth.errors import UserError
 from dreambooth.files import folder_lock
 from dreambooth.interrupts import Stopped
 from dreambooth.models import load_pipeline
-from dreambooth.sampling import (SamplingSetting, generate, generation_record, make_grid, make_scheduler, render,
-                                 save_png)
+from dreambooth.png_metadata import read_png_record
+from dreambooth.sampling import SamplingSetting, generate, generation_record, make_grid, make_scheduler, render
 
 STEPS = 2  # enough to exercise multistep samplers, cheap on the tiny model
 
@@ -49,7 +49,7 @@ def pixels(image: Image.Image) -> np.ndarray:
 
 
 def cells_of(grid: Image.Image) -> list[list[int]]:
-    return json.loads(grid.info["cells"] if "cells" in grid.info else grid.text["cells"])
+    return json.loads(grid.info["cells"])
 
 
 def assert_lattice(cells: list[list[int]], n_rows: int, n_cols: int) -> None:
@@ -135,41 +135,6 @@ def test_render_options(pipeline):
         render(pipeline, ["a cat", "a dog"], [0], SamplingSetting(STEPS, 1.0, "ddim"))
 
 
-# --- PNG metadata -------------------------------------------------------------------------------------
-
-
-def test_save_png_writes_text_chunks_and_a1111_parameters(tmp_path):
-    path = tmp_path / "out" / "img.png"
-    metadata = {"prompt": "a photo of miru cat, by the sea ☀", "negative_prompt": "blurry", "seed": 7,
-                "steps": 30, "guidance": 6.0, "scheduler": "euler-a", "model": "some/model"}
-    save_png(Image.new("RGB", (48, 32), "red"), path, metadata)
-    with Image.open(path) as image:
-        text = dict(image.text)
-        assert image.size == (48, 32)
-    for key, value in metadata.items():
-        assert text[key] == str(value)
-    assert text["parameters"] == (
-        "a photo of miru cat, by the sea ☀\n"
-        "Negative prompt: blurry\n"
-        "Steps: 30, Sampler: Euler a, CFG scale: 6.0, Seed: 7, Size: 48x32, Model: some/model"
-    )
-    assert [p.name for p in path.parent.iterdir()] == ["img.png"]  # no temp file left behind
-
-    save_png(Image.new("RGB", (8, 8), "blue"), path, {"seed": 1})  # replaces, no prompt -> no parameters
-    with Image.open(path) as image:
-        assert image.size == (8, 8) and image.text == {"seed": "1"}
-
-
-def test_save_png_that_fails_leaves_the_old_image_and_no_temp_file(tmp_path):
-    path = tmp_path / "img.png"
-    save_png(Image.new("RGB", (8, 8), "blue"), path, {"seed": 1})
-    with pytest.raises(OSError, match="CMYK"):
-        save_png(Image.new("CMYK", (4, 4)), path, {"seed": 2})  # PNG has no CMYK: the encoder fails mid-write
-    with Image.open(path) as image:
-        assert image.size == (8, 8) and image.text == {"seed": "1"}
-    assert [p.name for p in tmp_path.iterdir()] == ["img.png"]
-
-
 # --- grid ---------------------------------------------------------------------------------------------
 
 
@@ -235,11 +200,12 @@ def test_generate_writes_images_metadata_manifest_and_grid(tiny_model, pipeline,
             float(guidance[1:]), prompts[int(p[1:])], int(seed[4:]))
         assert record["steps"] == 1 and record["scheduler"] == "ddim" and record["model"] == str(tiny_model)
         assert record["negative_prompt"] == "blurry" and (record["height"], record["width"]) == (32, 32)
+        # The PNG carries the manifest's line (test_png_metadata checks the A1111 block in full).
+        assert read_png_record(tmp_path / "gen" / record["file"]) == {k: v for k, v in record.items() if k != "file"}
         with Image.open(tmp_path / "gen" / record["file"]) as image:
-            text = dict(image.text)
-        for key in ("prompt", "negative_prompt", "seed", "steps", "guidance", "scheduler", "model", "height", "width"):
-            assert text[key] == str(record[key]), key
-        assert f"Steps: 1, Sampler: DDIM, CFG scale: {record['guidance']}, Seed: {record['seed']}" in text["parameters"]
+            assert set(image.text) == {"parameters", "dreambooth"}
+            assert (f"Steps: 1, Sampler: DDIM, CFG scale: {record['guidance']}, Seed: {record['seed']}, Size: 32x32, "
+                    f"Model: {tiny_model.parent.name}") in image.text["parameters"]  # X/pipeline is named X
 
     # The recorded prompt, seed and setting reproduce the image.
     last = records[-1]
@@ -251,7 +217,7 @@ def test_generate_writes_images_metadata_manifest_and_grid(tiny_model, pipeline,
     # Grid: one row per setting, one column per (prompt, seed), each cell the image it claims to be.
     with Image.open(tmp_path / "gen" / "grid.png") as grid:
         grid.load()
-    cells = cells_of(grid)
+    cells = read_png_record(tmp_path / "gen" / "grid.png")["cells"]
     assert_lattice(cells, 2, 4)
     gap = cells[1][0] - cells[0][2]
     assert grid.size == (cells[-1][2] + gap, cells[-1][3] + gap)

@@ -1,4 +1,4 @@
-"""Generation: samplers, seeded rendering, PNG metadata, the manifest and the labelled comparison grid.
+"""Generation: samplers, seeded rendering, the manifest and the labelled comparison grid (PNG metadata: png_metadata).
 
 `render` is the one way images are made (the `generate` command, class images, validation during
 training), so an image depends only on its prompt, seed and setting, never on batch size or position.
@@ -15,28 +15,22 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from dreambooth.config import SCHEDULER_NAMES, GenerateConfig
 from dreambooth.encoding import warn_long_prompts
 from dreambooth.errors import UserError
-from dreambooth.files import (MANIFEST, append_jsonl, atomic_file, atomic_write_text, folder_lock, move_aside,
+from dreambooth.files import (MANIFEST, append_jsonl, atomic_write_text, folder_lock, move_aside,
                               read_jsonl, remove_partial_files)
 from dreambooth.interrupts import signal_name, stop_requests
 from dreambooth.models import (check_latent_size, default_device, inference_dtype, load_pipeline, resolve_model,
                                source_vae_scale_factor)
+from dreambooth.png_metadata import save_png
 
 IMAGES = "images"
 GRID = "grid.png"
 SETTINGS = "generate.json"  # what the generation in a folder was made with, written before its first image
 GENERATION_FILES = [IMAGES, MANIFEST, GRID, SETTINGS]
-
-# Names AUTOMATIC1111 / ComfyUI readers recognise in a "parameters" chunk.
-A1111_SAMPLER_NAMES = {
-    "ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "euler": "Euler",
-    "euler-a": "Euler a", "dpm++": "DPM++ 2M", "unipc": "UniPC",
-}
 
 # Where render() keeps the scheduler config the pipeline came with.
 _BASE_SCHEDULER_CONFIG = "_dreambooth_base_scheduler_config"
@@ -120,41 +114,6 @@ def render(pipeline, prompts: list[str], seeds: list[int], setting: SamplingSett
         )
         images.extend(result.images)
     return images
-
-
-def a1111_parameters(metadata: dict[str, Any], size: tuple[int, int]) -> str:
-    """The "parameters" text AUTOMATIC1111 writes, so its PNG-info tab and ComfyUI read our images."""
-
-    def quote(value: Any) -> str:
-        text = str(value)
-        # The reader splits on ", " and ": "; A1111 JSON-quotes values holding them.
-        return json.dumps(text) if any(c in text for c in ",:\n") else text
-
-    lines = [str(metadata.get("prompt", ""))]
-    if metadata.get("negative_prompt"):
-        lines.append(f"Negative prompt: {metadata['negative_prompt']}")
-    fields = {
-        "Steps": metadata.get("steps"),
-        "Sampler": A1111_SAMPLER_NAMES.get(str(metadata.get("scheduler")), metadata.get("scheduler")),
-        "CFG scale": metadata.get("guidance"),
-        "Seed": metadata.get("seed"),
-        "Size": f"{size[0]}x{size[1]}",
-        "Model": metadata.get("model"),
-    }
-    lines.append(", ".join(f"{key}: {quote(value)}" for key, value in fields.items() if value is not None))
-    return "\n".join(lines)
-
-
-def save_png(image: Image.Image, path: Path, metadata: dict) -> None:
-    """Write a PNG carrying `metadata` as text chunks; readers never see a half-written file."""
-    path = Path(path)
-    info = PngInfo()
-    for key, value in metadata.items():
-        info.add_text(str(key), str(value))  # falls back to an iTXt chunk for non-Latin-1 text
-    if "prompt" in metadata and "parameters" not in metadata:
-        info.add_text("parameters", a1111_parameters(metadata, image.size))
-    with atomic_file(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
 
 
 def save_listed_image(image: Image.Image, folder: Path, file: str, prompt: str, seed: int, setting: SamplingSetting,
@@ -384,6 +343,6 @@ def generate(config: GenerateConfig) -> Path:
         rows = [[load_rgb(output / files[setting, p, seed]) for p, seed in columns] for setting in settings]
         column_labels = [f"{prompts[p]}\nseed {seed}" for p, seed in columns]
         grid = make_grid(rows, [setting.label for setting in settings], column_labels)
-        save_png(grid, output / GRID, {"model": model_label, "rows": json.dumps([s.label for s in settings]),
-                                       "columns": json.dumps(column_labels), "cells": grid.info["cells"]})
+        save_png(grid, output / GRID, {"model": model_label, "rows": [s.label for s in settings],
+                                       "columns": column_labels, "cells": json.loads(grid.info["cells"])})
     return output
