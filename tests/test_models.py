@@ -154,3 +154,98 @@ def test_sizes_with_latents_of_8x8_or_more_pass():
     check_latent_size(2, {"--resolution": 16})
     check_latent_size(4, {"--resolution": 32, "--height": None})
     check_latent_size(8, {"--height": 64, "--width": 512})
+
+
+# --variant and --revision: a folder saved with diffusers' save_pretrained(variant="fp16"), and an offline hub cache
+# (the layout huggingface_hub writes: refs/<name> holds a commit, snapshots/<commit>/ its files) in which the
+# branch "v2" differs from "main": from_pretrained and load_config resolve a revision there exactly as after a
+# download, so what is tested is which files load, without a network.
+
+@pytest.fixture(scope="module")
+def fp16_model(tiny_model, tmp_path_factory) -> Path:
+    """The tiny pipeline with its UNet moved (so it is told from the original) saved as the fp16 variant only."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model)
+    with torch.no_grad():
+        pipeline.unet.conv_in.weight += 1.0
+    folder = tmp_path_factory.mktemp("fp16") / "pipeline"
+    pipeline.to(torch.float16).save_pretrained(folder, variant="fp16", safe_serialization=True)
+    assert (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert not (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    return folder
+
+
+@pytest.fixture
+def hub_cache(tiny_model, fp16_model, tmp_path, monkeypatch) -> str:
+    """A hub cache holding `someone/tiny`: main is tiny_model, the branch v2 the fp16 variant with a moved UNet."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--someone--tiny"
+    for ref, folder, commit in (("main", tiny_model, "a" * 40), ("v2", fp16_model, "b" * 40)):
+        shutil.copytree(folder, repo / "snapshots" / commit)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return "someone/tiny"
+
+
+def test_a_variant_loads_its_files_and_trains_in_fp32(tiny_model, fp16_model):
+    components = load_components(resolve_model(str(fp16_model), variant="fp16"))
+    assert components.unet.dtype == torch.float32  # diffusers reads the half weights into the fp32 model
+    base = load_components(str(tiny_model)).unet.conv_in.weight
+    assert torch.equal(components.unet.conv_in.weight, (base + 1.0).half().float())
+    assert resolve_model(str(fp16_model.parent), variant="fp16").variant == "fp16"  # as a RUN folder
+
+
+def test_a_missing_variant_is_one_line(tiny_model, fp16_model):
+    with pytest.raises(UserError, match=r"^--variant fp16: .* has no fp16 weights \(no \*\.fp16\.safetensors; it has "
+                                        r"only its default weights\); leave --variant out to load its default "
+                                        r"weights$"):
+        resolve_model(str(tiny_model), variant="fp16")
+    with pytest.raises(UserError, match=r"^--variant bf16: .* has no bf16 weights \(.*it has fp16\)"):
+        resolve_model(str(fp16_model), variant="bf16")
+    # Without --variant, diffusers would look for default files and fail about .safetensors; we say what to pass.
+    with pytest.raises(UserError, match=r"^--model .*: (text_encoder|unet)/ holds only fp16 weights; "
+                                        r"pass --variant fp16$"):
+        resolve_model(str(fp16_model))
+
+
+def test_revision_is_for_hub_ids_only(tiny_model, tmp_path):
+    with pytest.raises(UserError, match=r"^--revision v2: .* is a local folder, which has no revisions; "):
+        resolve_model(str(tiny_model), revision="v2")
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"")
+    with pytest.raises(UserError, match=r"^--variant fp16: .* is a single checkpoint file, which has no revisions"):
+        resolve_model(str(checkpoint), variant="fp16")
+
+
+def test_a_hub_revision_and_variant_reach_from_pretrained(hub_cache, tiny_model):
+    main = load_pipeline(resolve_model(hub_cache))
+    pinned_source = resolve_model(hub_cache, revision="v2", variant="fp16")
+    assert (pinned_source.revision, pinned_source.variant) == ("v2", "fp16")
+    assert source_vae_scale_factor(pinned_source) == 2  # configs are read at the revision too
+    pinned = load_pipeline(pinned_source)
+    assert torch.equal(pinned.unet.conv_in.weight, (main.unet.conv_in.weight + 1.0).half().float())
+    with pytest.raises(UserError, match=r"^--variant fp16: someone/tiny has no fp16 weights \("):
+        load_pipeline(resolve_model(hub_cache, variant="fp16"))  # main has no fp16 files
+    with pytest.raises(UserError, match=r"^--model someone/tiny --revision v3: not in the local cache and the hub "
+                                        r"is offline"):
+        resolve_model(hub_cache, revision="v3")
+
+
+def test_a_lora_remembers_its_base_models_revision_and_variant(tmp_path):
+    from dreambooth.lora import BASE_MODEL, LORA_WEIGHTS
+
+    source = ModelSource("hub", "someone/tiny", "sd", "someone/tiny", revision="v2", variant="fp16")
+    record = source.base_record()
+    assert record == {"model": "someone/tiny", "model_config": None, "family": "sd", "revision": "v2",
+                      "variant": "fp16"}
+    assert "revision" not in ModelSource("hub", "a/b", "sd", "a/b").base_record()
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    (folder / LORA_WEIGHTS).write_bytes(b"")
+    (folder / BASE_MODEL).write_text(json.dumps(record))
+    with pytest.raises(UserError, match=r"^--model .*lora: its base model cannot be loaded \(--model someone/tiny "
+                                        r"--revision v2: not in the local cache"):
+        resolve_model(str(folder))  # the recorded revision is the one looked for

@@ -71,14 +71,15 @@ def single_file_family(path: Path) -> Family:
     return "sdxl" if any(key.startswith("conditioner.embedders.1") for key in keys) else "sd"
 
 
-def hub_family(model_id: str) -> Family:
-    """The family of a hub model, from its model_index.json (fetched, or read from the local cache).
+def hub_family(model_id: str, revision: str | None = None) -> Family:
+    """The family of a hub model at `revision` (default: main), from its model_index.json (fetched, or read from
+    the local cache).
 
     The hub client's own errors (offline, no such id, no network) pass through: the caller words them, as it
     does a failure to load the model itself."""
     from diffusers import DiffusionPipeline
 
-    config = DiffusionPipeline.load_config(model_id)
+    config = DiffusionPipeline.load_config(model_id, revision=revision)
     return _family_from_class_name(config.get("_class_name", ""), model_id)
 
 

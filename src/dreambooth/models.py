@@ -7,7 +7,6 @@ or SDXL, from dreambooth.families) is decided once, on resolving it: training an
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,11 @@ from dreambooth.aliases import model_alias_folder
 from dreambooth.errors import UserError
 from dreambooth.families import (Family, check_config_family, folder_family, hub_family, pipeline_class_for,
                                  single_file_family)
+from dreambooth.weight_files import (PICKLE_REFUSAL, PICKLE_SUFFIXES, check_pickled_components, check_variant,
+                                     only_pickled_weights)
 
 SourceKind = Literal["folder", "single_file", "hub"]
 
-PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -38,13 +38,20 @@ class ModelSource:
     model_config: str | None = None  # for a single file: the diffusers folder or hub id describing it
     lora: str | None = None  # a LoRA folder applied over the model at `location`
     allow_pickle: bool = False  # --allow-pickle: pickled weights may load (they can run code)
+    revision: str | None = None  # --revision: a hub model's branch, tag or commit
+    variant: str | None = None  # --variant: the weight files to load, e.g. fp16 (*.fp16.safetensors)
 
     def base_record(self) -> dict[str, Any]:
         """How to find this model again from another folder or process (a LoRA folder's base_model.json)."""
         location = self.requested
         if model_alias_folder(self.requested) is None and self.kind != "hub":
             location = str(Path(self.location).resolve())
-        return {"model": location, "model_config": self.model_config, "family": self.family}
+        pinned = {key: value for key, value in (("revision", self.revision), ("variant", self.variant)) if value}
+        return {"model": location, "model_config": self.model_config, "family": self.family, **pinned}
+
+    def pretrained_kwargs(self) -> dict[str, Any]:
+        """What from_pretrained needs besides the location to read the weights meant."""
+        return {"revision": self.revision, "variant": self.variant}
 
 
 @dataclass
@@ -70,19 +77,21 @@ class Components:
         return self.noise_scheduler.config.prediction_type
 
 
-def resolve_model(model: str, allow_pickle: bool = False, model_config: str | None = None) -> ModelSource:
+def resolve_model(model: str, allow_pickle: bool = False, model_config: str | None = None, *,
+                  revision: str | None = None, variant: str | None = None) -> ModelSource:
     """Decide what kind of MODEL the user named, or explain in one line why it is not one.
 
     A registered alias (`dreambooth.aliases`, e.g. `miniworld`) names a pipeline folder and comes first. A LoRA
-    run (or LoRA folder) resolves to its base model with `lora` set.
+    run (or LoRA folder) resolves to its base model with `lora` set, at the revision and variant its base_model.json
+    records unless others are given. `revision` is for hub ids only; `variant` for hub ids and folders.
     """
     alias_folder = model_alias_folder(model)
     if alias_folder is not None:
-        return _folder_source(alias_folder, model, allow_pickle)
+        return _folder_source(alias_folder, model, allow_pickle, revision, variant)
     path = Path(model).expanduser()
     for folder in (path, path / "lora"):
         if folder.is_dir() and lora.is_lora_folder(folder):
-            return _lora_source(model, folder, allow_pickle)
+            return _lora_source(model, folder, allow_pickle, revision, variant)
     if (path / lora.LORA_WEIGHTS).is_file():
         raise UserError(f"--model {model}: a LoRA without {lora.BASE_MODEL}, so which model it adapts is unknown; "
                         f"write {lora.BASE_MODEL} beside it, e.g. {{\"model\": \"<base model>\"}}")
@@ -95,6 +104,10 @@ def resolve_model(model: str, allow_pickle: bool = False, model_config: str | No
             )
         if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
             raise UserError(f"--model {model}: a single-file model must be .safetensors (or .ckpt with --allow-pickle)")
+        if revision or variant:
+            flag = f"--revision {revision}" if revision else f"--variant {variant}"
+            raise UserError(f"{flag}: {model} is a single checkpoint file, which has no revisions or variants; "
+                            "they apply to a hub id or a diffusers folder")
         family = single_file_family(path)
         if model_config:
             check_config_family(model_config, family, model)
@@ -102,65 +115,54 @@ def resolve_model(model: str, allow_pickle: bool = False, model_config: str | No
                            allow_pickle=allow_pickle)
     if path.is_dir():
         if (path / "model_index.json").is_file():
-            return _folder_source(path, model, allow_pickle)
+            return _folder_source(path, model, allow_pickle, revision, variant)
         if (path / "pipeline" / "model_index.json").is_file():  # a finished RUN folder
-            return _folder_source(path / "pipeline", model, allow_pickle)
+            return _folder_source(path / "pipeline", model, allow_pickle, revision, variant)
         raise UserError(
             f"--model {model}: this folder is not a diffusers pipeline (no model_index.json) "
             "nor a finished run (no pipeline/model_index.json)"
         )
     if HUB_ID.match(model) and not model.startswith((".", "~")):
+        source = ModelSource("hub", model, "sd", model, allow_pickle=allow_pickle, revision=revision, variant=variant)
         try:
-            family = hub_family(model)
+            family = hub_family(model, revision)
         except UserError:
             raise
         except Exception as error:  # the hub client raises many types; all mean "could not get it"
-            raise UserError(_load_failure(ModelSource("hub", model, "sd", model), error)) from error
-        return ModelSource("hub", model, family, model, allow_pickle=allow_pickle)
+            raise UserError(_load_failure(source, error)) from error
+        return dataclasses.replace(source, family=family)
     raise UserError(f"--model {model}: no such file or folder, and not a hub id of the form owner/name")
 
 
-def _folder_source(folder: Path, model: str, allow_pickle: bool) -> ModelSource:
-    """A diffusers pipeline folder, refused now (not after minutes of data loading) if it loads from a pickle.
-    The safety checker (training and class images never load it) and the VAE (--vae may replace it) are left to
-    load_pipeline, which knows."""
-    source = ModelSource("folder", str(folder), folder_family(folder), model, allow_pickle=allow_pickle)
-    check_pickled_components(source, skip=("safety_checker", "vae"))
+def _folder_source(folder: Path, model: str, allow_pickle: bool, revision: str | None = None,
+                   variant: str | None = None) -> ModelSource:
+    """A diffusers pipeline folder, refused now (not after minutes of data loading) if it loads from a pickle or
+    lacks the --variant. The safety checker (training and class images never load it) and the VAE (--vae may
+    replace it) are left to load_pipeline, which knows."""
+    if revision:  # from_pretrained ignores it for a folder: the weights would not be the ones asked for
+        raise UserError(f"--revision {revision}: {model} is a local folder, which has no revisions; "
+                        "revisions are for a hub id (owner/name)")
+    source = ModelSource("folder", str(folder), folder_family(folder), model, allow_pickle=allow_pickle,
+                         variant=variant)
+    check_variant(folder, model, variant, skip=("safety_checker", "vae"))
+    check_pickled(source, skip=("safety_checker", "vae"))
     return source
 
 
-def check_pickled_components(source: ModelSource, skip=()) -> None:
+def check_pickled(source: ModelSource, skip=()) -> None:
     """Without --allow-pickle, refuse a pipeline folder in which a component to load (all but `skip`) has only
     pickled weights: from_pretrained would otherwise load them, and unpickling can run code from the file."""
-    if source.allow_pickle or source.kind != "folder":
-        return
-    folder = Path(source.location)
-    index = json.loads((folder / "model_index.json").read_text())
-    for name, entry in index.items():
-        # Components are [library, class]; [null, null] marks one the pipeline was saved without.
-        if name.startswith("_") or name in skip or not isinstance(entry, list) or not entry or entry[0] is None:
-            continue
-        pickled = _only_pickled_weights(folder / name)
-        if pickled is not None:
-            raise UserError(f"--model {source.requested}: {pickled.relative_to(folder)} {_PICKLE_REFUSAL}")
+    if not source.allow_pickle and source.kind == "folder":
+        check_pickled_components(Path(source.location), source.requested, skip)
 
 
-_PICKLE_REFUSAL = ("holds pickled weights (no .safetensors beside it), and loading a pickle can run code from the "
-                   "file; convert it to .safetensors, or pass --allow-pickle to load it (only if you trust its source)")
-
-
-def _only_pickled_weights(folder: Path) -> Path | None:
-    """The first pickled weights file in `folder` when it has no .safetensors, which from_pretrained prefers."""
-    if not folder.is_dir() or any(folder.glob("*.safetensors")):
-        return None
-    return next((path for path in sorted(folder.iterdir()) if path.suffix.lower() in PICKLE_SUFFIXES), None)
-
-
-def _lora_source(model: str, folder: Path, allow_pickle: bool) -> ModelSource:
+def _lora_source(model: str, folder: Path, allow_pickle: bool, revision: str | None,
+                 variant: str | None) -> ModelSource:
     """A LoRA folder's base model, with the folder to apply over it."""
     try:
         base = lora.read_base_model(folder)
-        source = resolve_model(base["model"], allow_pickle, base.get("model_config"))
+        source = resolve_model(base["model"], allow_pickle, base.get("model_config"),
+                               revision=revision or base.get("revision"), variant=variant or base.get("variant"))
     except UserError as error:
         raise UserError(f"--model {model}: its base model cannot be loaded ({error})") from error
     except (OSError, ValueError, KeyError) as error:
@@ -185,7 +187,7 @@ def load_pipeline(
     if lora_scale != 1.0 and not source.lora:
         raise UserError(f"--lora-scale {lora_scale}: {source.requested} is not a LoRA run")
     # Components passed in (or None: not wanted) are not read from the folder, so their files do not matter.
-    check_pickled_components(source, skip=component_overrides.keys() | ({"vae"} if vae else set()))
+    check_pickled(source, skip=component_overrides.keys() | ({"vae"} if vae else set()))
     pipeline_class = pipeline_class_for(source.family)
     kwargs: dict[str, Any] = dict(component_overrides)
     if vae:
@@ -200,7 +202,7 @@ def load_pipeline(
             pipeline = pipeline_class.from_single_file(source.location, **kwargs)
         else:
             pipeline = pipeline_class.from_pretrained(source.location, use_safetensors=use_safetensors(source),
-                                                      **kwargs)
+                                                      **source.pretrained_kwargs(), **kwargs)
         if source.lora:
             lora.apply_lora(pipeline, Path(source.lora), lora_scale)
         return pipeline
@@ -216,10 +218,10 @@ def load_vae(vae: str, source: ModelSource, dtype: torch.dtype = torch.float32):
 
     path = Path(vae).expanduser()
     subfolder = "vae" if (path / "vae" / "config.json").is_file() or (path / "model_index.json").is_file() else None
-    pickled = None if source.allow_pickle else _only_pickled_weights(path / (subfolder or ""))
+    pickled = None if source.allow_pickle else only_pickled_weights(path / (subfolder or ""))
     if pickled is not None:
-        raise UserError(f"--vae {vae}: {pickled.relative_to(path)} {_PICKLE_REFUSAL}")
-    try:
+        raise UserError(f"--vae {vae}: {pickled.relative_to(path)} {PICKLE_REFUSAL}")
+    try:  # not at the model's --revision / --variant: --vae names another model, whose commits and files differ
         model = AutoencoderKL.from_pretrained(vae, subfolder=subfolder, use_safetensors=use_safetensors(source),
                                               **{_dtype_keyword(): dtype})
     except (OSError, ValueError, EnvironmentError) as error:
@@ -232,28 +234,34 @@ def load_vae(vae: str, source: ModelSource, dtype: torch.dtype = torch.float32):
     return model
 
 
-def _native_vae_scaling(source: ModelSource) -> float:
-    """The latent scaling of the model's own VAE (read from its config, without loading weights)."""
-    from diffusers import AutoencoderKL
-
-    where = source.model_config if source.kind == "single_file" else source.location
-    if where is None:  # a single file without a config: the family's standard VAE
-        return 0.13025 if source.family == "sdxl" else 0.18215
-    return AutoencoderKL.load_config(where, subfolder="vae")["scaling_factor"]
-
-
-def native_resolution(source: ModelSource) -> int:
-    """The image size the model was trained at: the UNet's latent size times the VAE's downsampling."""
+def _component_config(source: ModelSource, subfolder: str) -> dict[str, Any] | None:
+    """The config of the model's own UNet or VAE, read without loading weights; None for a single file without
+    --model-config (the family's standard layout)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     where = source.model_config if source.kind == "single_file" else source.location
     if where is None:
-        return 1024 if source.family == "sdxl" else 512
+        return None
+    model_class = UNet2DConditionModel if subfolder == "unet" else AutoencoderKL
     try:
-        unet = UNet2DConditionModel.load_config(where, subfolder="unet")
-        vae = AutoencoderKL.load_config(where, subfolder="vae")
+        return model_class.load_config(where, subfolder=subfolder, revision=source.revision)
     except (OSError, ValueError, EnvironmentError) as error:
         raise UserError(_load_failure(source, error)) from error
+
+
+def _native_vae_scaling(source: ModelSource) -> float:
+    """The latent scaling of the model's own VAE."""
+    vae = _component_config(source, "vae")
+    if vae is None:  # the family's standard VAE
+        return 0.13025 if source.family == "sdxl" else 0.18215
+    return vae["scaling_factor"]
+
+
+def native_resolution(source: ModelSource) -> int:
+    """The image size the model was trained at: the UNet's latent size times the VAE's downsampling."""
+    unet, vae = _component_config(source, "unet"), _component_config(source, "vae")
+    if unet is None or vae is None:
+        return 1024 if source.family == "sdxl" else 512
     return int(unet["sample_size"]) * vae_scale_factor(vae)
 
 
@@ -265,15 +273,8 @@ def vae_scale_factor(vae) -> int:
 
 def source_vae_scale_factor(source: ModelSource) -> int:
     """vae_scale_factor of the model's own VAE, read from its config without loading weights."""
-    from diffusers import AutoencoderKL
-
-    where = source.model_config if source.kind == "single_file" else source.location
-    if where is None:
-        return 8  # a single file without configs: every Stable Diffusion VAE
-    try:
-        return vae_scale_factor(AutoencoderKL.load_config(where, subfolder="vae"))
-    except (OSError, ValueError, EnvironmentError) as error:
-        raise UserError(_load_failure(source, error)) from error
+    vae = _component_config(source, "vae")
+    return 8 if vae is None else vae_scale_factor(vae)  # 8: every Stable Diffusion VAE
 
 
 # Latents under 8x8 leave SD's UNet, which halves them three times, nothing to work on at its lowest level.
@@ -378,16 +379,14 @@ def _load_failure(source: ModelSource, error: BaseException) -> str:
                                     or "no file named" in first_line and ".safetensors" in first_line):
         return (f"--model {source.requested}: not all of it comes as .safetensors ({first_line}); pickled weights "
                 "can run code when loaded: pass --allow-pickle to load them (only if you trust its source)")
+    if source.variant and f"variant={source.variant}" in first_line:
+        return f"--variant {source.variant}: {source.requested} has no {source.variant} weights ({first_line})"
     if source.kind == "hub":
+        model = f"--model {source.requested}" + (f" --revision {source.revision}" if source.revision else "")
         if constants.HF_HUB_OFFLINE:
-            return (
-                f"--model {source.requested}: not in the local cache and the hub is offline (HF_HUB_OFFLINE is set); "
-                "download it first or pass a local folder"
-            )
-        return (
-            f"--model {source.requested}: could not load it from the hub ({first_line}); "
-            "check the id and your network"
-        )
+            return (f"{model}: not in the local cache and the hub is offline (HF_HUB_OFFLINE is set); download it "
+                    "first or pass a local folder")
+        return f"{model}: could not load it from the hub ({first_line}); check the id, revision and your network"
     if source.kind == "single_file":
         if source.model_config:
             return (f"--model {source.requested}: could not load it with --model-config {source.model_config} "
