@@ -424,6 +424,30 @@ def test_masks_are_cut_with_the_same_crop_and_flip_as_their_photo():
     assert seen_flipped and seen_plain
 
 
+def test_crop_is_the_batch_as_8_bit_images_and_first_sample_ids_are_the_first_epoch():
+    """crop(k) cuts what batch([k]) cuts, flips included (inspect-data shows these), and first_sample_ids gives
+    each example's place in the first epoch."""
+    instance = [Example(Path(f"a{i}.png"), f"a {i}", asymmetric(16 + 4 * i), mask=left_half_mask(16 + 4 * i))
+                for i in range(3)]
+    data = DreamBoothData(instance, examples(4, "cls", 24), 16, center_crop=False, random_flip=True, seed=3)
+    flips = set()
+    for k in range(8):
+        batch = data.batch([k])
+        for place, classes in ((0, False), (1, True)):
+            crop = data.crop(k, classes=classes)
+            assert crop.example.prompt == batch["prompts"][place] and crop.sample_id == k
+            pixels = torch.from_numpy(np.array(crop.image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+            assert torch.equal(pixels, batch["pixel_values"][place])
+            flips.add(crop.flip)
+        mask = torch.from_numpy(np.array(data.crop(k).mask, dtype=np.float32)) / 255.0
+        assert torch.equal(mask, batch["masks"][0, 0])
+    assert flips == {False, True}
+    for classes, count in ((False, 3), (True, 4)):
+        ids = data.first_sample_ids(classes=classes)
+        assert sorted(ids) == list(range(count))
+        assert [data.crop(k, classes=classes).example for k in ids] == (data.classes if classes else data.instance)
+
+
 def test_masks_do_not_change_the_pixels_or_the_order():
     image = asymmetric(20)
     plain = DreamBoothData([Example(Path("a.png"), "a", image)], None, 16, False, True, seed=2)

@@ -147,21 +147,32 @@ def load_examples(folder: str | Path, prompt: str, flag: str, limit: int | None 
 def load_masks(examples: list[Example], folder: str | Path, flag: str) -> list[Example]:
     """The examples with their masks: for each photo, the image of the same name stem in `folder` (white or
     opaque where the subject is). A mask's alpha channel is used when it has one, else its brightness."""
-    by_stem: dict[str, Path] = {}
-    for path in list_images(folder, flag):
-        by_stem.setdefault(path.stem, path)
+    by_stem = mask_paths(folder, flag)
     masked = []
     for example in examples:
         path = by_stem.get(example.path.stem)
         if path is None:
             raise UserError(f"{flag} {folder}: no mask for {example.path.name}; add {example.path.stem}.png "
                             "(white where the subject is, black elsewhere)")
-        mask = _decode(path, "mask", _mask_channel)
+        mask = load_mask(path)
         if mask.size != example.image.size:
             raise UserError(f"{path}: the mask is {mask.size[0]}x{mask.size[1]} but {example.path.name} is "
                             f"{example.image.size[0]}x{example.image.size[1]}; save it at the photo's size")
         masked.append(replace(example, mask=mask))
     return masked
+
+
+def mask_paths(folder: str | Path, flag: str) -> dict[str, Path]:
+    """The masks in `folder` by name stem (the photo each belongs to); the first by name where stems repeat."""
+    by_stem: dict[str, Path] = {}
+    for path in list_images(folder, flag):
+        by_stem.setdefault(path.stem, path)
+    return by_stem
+
+
+def load_mask(path: Path) -> Image.Image:
+    """The mask at `path` as "L", EXIF-oriented like its photo: 255 where the subject is."""
+    return _decode(path, "mask", _mask_channel)
 
 
 def _mask_channel(image: Image.Image) -> Image.Image:
@@ -225,6 +236,19 @@ def _crop_to_tensor(image: Image.Image, box: tuple[int, int, int, int], flip: bo
     return tensor.flip(-1) if flip else tensor
 
 
+@dataclass
+class Crop:
+    """One example as a batch shows it (see DreamBoothData.crop)."""
+
+    example: Example
+    sample_id: int
+    resized: tuple[int, int]  # the example's size once its short side is the resolution
+    box: tuple[int, int, int, int]  # the square cut from the resized image
+    flip: bool
+    image: Image.Image
+    mask: Image.Image | None
+
+
 class DreamBoothData:
     """Deterministic, step-indexed batches: the batch for a given list of sample ids is a pure function of
     (seed, ids), so a resumed run sees exactly the data an uninterrupted run would (no sampler state to save).
@@ -283,17 +307,47 @@ class DreamBoothData:
         permutation = torch.randperm(count, generator=seeds.generator(self.seed, order_stream, epoch))
         return int(permutation[position])
 
+    def _augmentation(self, size: tuple[int, int], sample_id: int,
+                      augment_stream: int) -> tuple[tuple[int, int, int, int], bool]:
+        """The crop box and flip of `sample_id` in an image of `size` (already resized)."""
+        generator = seeds.generator(self.seed, augment_stream, sample_id)
+        # The flip is drawn even when random_flip is off so the crop offsets do not depend on that flag.
+        flip = bool(torch.rand((), generator=generator) < 0.5) and self.random_flip
+        return crop_box(size, self.resolution, self.center_crop, generator), flip
+
     def _pixels(self, image: Image.Image, sample_id: int, augment_stream: int,
                 mask: Image.Image | None = None) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
         """The image in [-1, 1] and its mask in [0, 1], cut by the same crop and flip, and the crop's
         (top, left) for SDXL, read off that same crop (no further random draw)."""
-        generator = seeds.generator(self.seed, augment_stream, sample_id)
-        # The flip is drawn even when random_flip is off so the crop offsets do not depend on that flag.
-        flip = bool(torch.rand((), generator=generator) < 0.5) and self.random_flip
-        box = crop_box(image.size, self.resolution, self.center_crop, generator)
+        box, flip = self._augmentation(image.size, sample_id, augment_stream)
         pixels = _crop_to_tensor(image, box, flip) / 127.5 - 1.0
         cut_mask = _crop_to_tensor(mask, box, flip) / 255.0 if mask is not None else None
         return pixels, cut_mask, crop_top_left(image.size, box, flip)
+
+    def first_sample_ids(self, classes: bool = False) -> list[int]:
+        """For each instance example (class example with `classes`), in order, the sample id that first shows it:
+        its place in the first epoch."""
+        count, stream = (self.num_class, _CLASS_ORDER) if classes else (self.num_instance, _INSTANCE_ORDER)
+        if not count:
+            return []
+        permutation = torch.randperm(count, generator=seeds.generator(self.seed, stream, 0))
+        return [int(k) for k in torch.argsort(permutation)]
+
+    def crop(self, sample_id: int, classes: bool = False) -> Crop:
+        """The instance example (class example with `classes`) that `sample_id` shows, cut as batch() cuts it, as
+        8-bit images: batch() holds these very pixels, scaled to [-1, 1] (masks to [0, 1])."""
+        if classes:
+            index = self._pick(sample_id, self.num_class, _CLASS_ORDER)
+            example, image, mask, stream = self.classes[index], self._class_images[index], None, _CLASS_AUGMENT
+        else:
+            index = self._pick(sample_id, self.num_instance, _INSTANCE_ORDER)
+            example, image, stream = self.instance[index], self._instance_images[index], _INSTANCE_AUGMENT
+            mask = self._instance_masks[index] if self.has_masks else None
+        box, flip = self._augmentation(image.size, sample_id, stream)
+        cut = [picture.crop(box) if picture is not None else None for picture in (image, mask)]
+        if flip:
+            cut = [piece.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if piece is not None else None for piece in cut]
+        return Crop(example, sample_id, image.size, box, flip, *cut)
 
     def every_image(self) -> Iterator[torch.Tensor] | None:
         """Every distinct image a batch can hold, in [-1, 1], when they are few: one crop per image (centre
