@@ -11,7 +11,7 @@ from PIL import Image
 
 from dreambooth.cli import main
 from dreambooth.config import InspectDataConfig
-from dreambooth.data import DreamBoothData, load_examples, load_masks
+from dreambooth.data import DreamBoothData, Example, load_examples, load_masks
 from dreambooth.errors import UserError
 from dreambooth.png_metadata import read_png_record
 from dreambooth.preview import data_warnings, inspect_data
@@ -99,6 +99,13 @@ def test_data_warnings_are_train_s_lines_for_its_decoded_examples(odd):
     assert [line.split(":")[0].split(" and ")[0] for line in lines] == [
         str(photos / "c-small.png"), str(photos / "e-panorama.png"), str(photos / "a-photo.png")]
     assert "(its middle)" in lines[1]
+
+
+def test_a_folder_of_look_alikes_gives_ten_pair_lines_and_a_count():
+    copies = [Example(Path(f"c{i:02d}.png"), "a cat", photo((64, 64), 5)) for i in range(13)]
+    lines = data_warnings([], copies, RESOLUTION, center_crop=False)
+    assert len(lines) == 11 and lines[-1].startswith(f"{13 * 12 // 2 - 10} more near-duplicate pairs")
+    assert lines[0].startswith("c00.png and c01.png are near-duplicates (16x16 thumbnails differ by 0.0/255)")
 
 
 @pytest.fixture

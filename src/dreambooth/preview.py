@@ -32,6 +32,7 @@ TILES_PER_ROW = 6  # at most, images and masks together
 # while the closest two different photos differ by 40. Ten catches copies and bursts, never two real shots.
 NEAR_DUPLICATE = 10.0
 THUMBNAIL = 16
+DUPLICATE_LINES = 10
 CROP_DROPS = 0.4  # a crop dropping more (wider than 5:3) is named: 3:2 camera photos (a third) are not
 MASK_EMPTY, MASK_FULL = 0.01, 0.99  # the share of a photo its mask covers, below or above which it is named
 
@@ -97,22 +98,30 @@ def _thumbnail(image: Image.Image) -> np.ndarray:
 
 
 def _duplicates(examples: list[Example]) -> list[Finding]:
-    """Each near-duplicate pair (see NEAR_DUPLICATE), named on both images' rows and once as a line."""
+    """Near-duplicate pairs (see NEAR_DUPLICATE): each image's row names its first twin, and the first
+    DUPLICATE_LINES pairs get a line each (a folder of look-alikes would otherwise print thousands)."""
     if len(examples) < 2:
         return []
     thumbnails = np.stack([_thumbnail(example.image) for example in examples])
-    found = []
+    pairs, twins = [], {}
     for i, first in enumerate(thumbnails):
         rest = thumbnails[i + 1:]
         straight = np.abs(rest - first).mean(axis=(1, 2, 3))
         mirrored = np.abs(rest - first[:, ::-1]).mean(axis=(1, 2, 3))
         for j in np.flatnonzero(np.minimum(straight, mirrored) <= NEAR_DUPLICATE):
             a, b = examples[i].path, examples[i + 1 + j].path
-            flipped = ", one mirrored" if mirrored[j] < straight[j] else ""
-            line = (f"{a} and {b} are near-duplicates (16x16 thumbnails differ by "
-                    f"{min(straight[j], mirrored[j]):.1f}/255{flipped}); the pair trains as one photo twice, "
-                    "keep one")
-            found += [Finding(a, f"near-duplicate of {b.name}", line), Finding(b, f"near-duplicate of {a.name}", "")]
+            pairs.append((a, b, min(straight[j], mirrored[j]), mirrored[j] < straight[j]))
+            twins.setdefault(a, []).append(b.name)
+            twins.setdefault(b, []).append(a.name)
+    found = [Finding(path, f"near-duplicate of {names[0]}" + (f" and {len(names) - 1} more" if len(names) > 1 else ""),
+                     "") for path, names in twins.items()]
+    for a, b, distance, flipped in pairs[:DUPLICATE_LINES]:
+        found.append(Finding(a, "", f"{a} and {b} are near-duplicates (16x16 thumbnails differ by {distance:.1f}/255"
+                                    f"{', one mirrored' if flipped else ''}); the pair trains as one photo twice, "
+                                    "keep one"))
+    if len(pairs) > DUPLICATE_LINES:
+        found.append(Finding(pairs[DUPLICATE_LINES][0], "", f"{len(pairs) - DUPLICATE_LINES} more near-duplicate "
+                             "pairs (the inspect-data table marks every image in one)"))
     return found
 
 
