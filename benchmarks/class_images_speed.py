@@ -183,8 +183,8 @@ def write_grid(configs: dict, seeds: list[int], path: Path) -> Path:
     columns = [f"seed {seed}" for seed in seeds]
     grid = make_grid(rows, labels, columns)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_png(grid, path, {"prompt": PROMPT, "rows": json.dumps(labels), "columns": json.dumps(columns),
-                          "cells": grid.info["cells"]})
+    save_png(grid, path, {"prompt": PROMPT, "rows": labels, "columns": columns,
+                          "cells": json.loads(grid.info["cells"])})
     return path
 
 

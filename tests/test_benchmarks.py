@@ -18,6 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
+from dreambooth.png_metadata import read_png_record
+
 from conftest import build_tiny_pipeline, build_tiny_sdxl_pipeline, require_shipped_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,8 +70,8 @@ def test_class_images_speed_quick_mode_writes_its_table_json_and_grid(tmp_path):
     quality = measured["quality"]
     assert quality["pixel_mad_same_seed"] < quality["pixel_mad_different_seeds"]
     assert measured["grid"] == str(grid)
+    cells = read_png_record(grid)["cells"]
     with Image.open(grid) as image:
-        cells = json.loads(image.text["cells"])
         assert len(cells) == 2 * 4  # rows = the two settings, columns = the four seeds
         # Every 64 px image shown at one whole multiple of its size, with room left for the labels.
         (side, side_too), = {(right - left, bottom - top) for left, top, right, bottom in cells}

@@ -13,6 +13,7 @@ from dreambooth.config import ClassImagesConfig
 from dreambooth.errors import UserError
 from dreambooth.files import folder_lock
 from dreambooth.interrupts import Stopped
+from dreambooth.png_metadata import read_png_record
 
 from conftest import write_images
 
@@ -31,13 +32,12 @@ def test_top_up_keeps_existing_files_and_records_new_ones(tiny_model, tmp_path):
     manifest = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
     assert [m["file"] for m in manifest] == ["class-00000.png", "class-00001.png", "class-00002.png"]
     assert [m["seed"] for m in manifest] == [10, 11, 12]
-    # The same line and PNG text as `generate` writes, so `evaluate` and A1111 read a class folder alike.
+    # The same line and PNG record as `generate` writes, so `evaluate` and A1111 read a class folder alike.
     assert manifest[1] == {"file": "class-00001.png", "prompt": "a photo of a cat", "negative_prompt": "", "seed": 11,
                            "steps": 2, "guidance": 7.5, "scheduler": "dpm++", "model": str(tiny_model),
                            "height": 32, "width": 32}
+    assert read_png_record(folder / "class-00001.png") == {k: v for k, v in manifest[1].items() if k != "file"}
     with Image.open(folder / "class-00001.png") as image:
-        assert {key: image.text[key] for key in manifest[1] if key != "file"} == {
-            key: str(value) for key, value in manifest[1].items() if key != "file"}
         assert "Seed: 11" in image.text["parameters"]
 
 

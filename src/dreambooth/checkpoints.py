@@ -32,6 +32,7 @@ RESUMABLE_CHANGES = {
     "output",  # a run folder moved or copied elsewhere resumes there
     "log_every", "save_dtype", "latent_cache_dir", "estimate_memory",
     "on_nan",  # a run stopped by a NaN resumes with --on-nan skip
+    "report_to", "logging_dir", "tracker_project", "license",  # where the run is logged and how it is published
 }
 # Settings that name files: compared by what they point at, not by spelling ("inst", "./inst/", its absolute path).
 PATH_SETTINGS = {"model", "instance_dir", "instance_mask_dir", "class_dir", "vae", "model_config"}

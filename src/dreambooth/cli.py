@@ -17,8 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from dreambooth import __version__
-from dreambooth.config import (ClassImagesConfig, EvaluateConfig, ExportConfig, GenerateConfig, ReportConfig,
-                               SweepConfig, TrainConfig)
+from dreambooth.config import (ClassImagesConfig, EvaluateConfig, ExportConfig, GenerateConfig, InspectDataConfig,
+                               PushConfig, ReportConfig, SweepConfig, TrainConfig)
 from dreambooth.errors import UserError
 from dreambooth.interrupts import Stopped
 from dreambooth.miniworld.demo import DemoConfig  # the application shell may import the demo; the core never does
@@ -84,6 +84,18 @@ def run_export(config: ExportConfig) -> None:
     print(f"done: {export(config)}")
 
 
+def run_push(config: PushConfig) -> None:
+    from dreambooth.hub import push
+
+    print(f"done: {push(config)}")
+
+
+def run_inspect_data(config: InspectDataConfig) -> None:
+    from dreambooth.preview import inspect_data
+
+    print(f"done: {inspect_data(config)}")
+
+
 def run_demo(config: DemoConfig) -> None:
     from dreambooth.miniworld.demo import run_demo as demo
 
@@ -99,6 +111,9 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
     "report": (ReportConfig, run_report, "Write report.html and report.md for a sweep folder."),
     "export": (ExportConfig, run_export, "Write a run as a single file (A1111, ComfyUI), a kohya LoRA or a diffusers "
                                          "folder."),
+    "push": (PushConfig, run_push, "Upload a finished run to the Hugging Face Hub (pipeline or LoRA, card, samples)."),
+    "inspect-data": (InspectDataConfig, run_inspect_data, "Show the crops and masks the trainer will see, and "
+                                                          "warnings about the images."),
     "demo": (DemoConfig, run_demo, "Run the whole story in the miniature world (CPU, minutes, no download)."),
 }
 

@@ -20,6 +20,7 @@ PRODIGY_LEARNING_RATE = 1.0  # Prodigy finds its own step size; the rate multipl
 EXPORT_FORMATS = ("single-file", "kohya", "diffusers")
 EXPORT_DTYPES = ("fp16", "bf16", "fp32")
 ON_NAN_CHOICES = ("stop", "skip")  # --on-nan
+REPORT_TO = ("none", "tensorboard", "wandb", "all")  # --report-to: accelerate's trackers
 SAVE_DTYPES = ("fp32", "fp16", "bf16")
 OPTIMIZER_NAMES = ("adamw", "adamw8bit", "adafactor", "prodigy", "lion")  # optimizers.py makes each
 
@@ -27,6 +28,8 @@ OPTIMIZER_NAMES = ("adamw", "adamw8bit", "adafactor", "prodigy", "lion")  # opti
 MODEL_CONFIG_HELP = ("For a single-file --model: the diffusers folder or hub id whose configs describe it (needed "
                      "offline; online diffusers finds one itself).")
 VAE_HELP = "Use this VAE instead of the model's own (a diffusers folder or hub id), e.g. an fp16-safe SDXL VAE."
+REVISION_HELP = "For a hub --model: the branch, tag or commit to load (default: main)."
+VARIANT_HELP = "Load the model's weight variant, e.g. fp16 (files named *.fp16.safetensors), where it has one."
 
 
 @dataclass
@@ -45,6 +48,8 @@ class ClassImagesConfig:
     scheduler: str = option("dpm++", "Sampler for the class images.", choices=SCHEDULER_NAMES)
     model_config: str | None = option(None, MODEL_CONFIG_HELP)
     vae: str | None = option(None, VAE_HELP)
+    revision: str | None = option(None, REVISION_HELP, non_empty=True)
+    variant: str | None = option(None, VARIANT_HELP, non_empty=True)
     allow_pickle: bool = option(False, "Allow loading a pickled .ckpt model (runs code from the file).")
 
     def __post_init__(self) -> None:
@@ -78,6 +83,8 @@ class TrainConfig:
     class_image_scheduler: str = option("dpm++", "Sampler for generating class images.", choices=SCHEDULER_NAMES)
     model_config: str | None = option(None, MODEL_CONFIG_HELP)
     vae: str | None = option(None, VAE_HELP)
+    revision: str | None = option(None, REVISION_HELP, non_empty=True)
+    variant: str | None = option(None, VARIANT_HELP, non_empty=True)
     resolution: int | None = option(
         None, "Training resolution in pixels, a multiple of 8 (default: the model's native size, e.g. 512 for "
               "SD 1.5, 1024 for SDXL).", positive=True)
@@ -155,6 +162,13 @@ class TrainConfig:
     validation_seeds: list[int] = option([0, 1], "Seeds of the validation images.")
     validation_sampling_steps: int = option(25, "Sampling steps of validation images.", positive=True)
     seed: int = option(0, "Seed for data order, noise and timesteps: the same seed gives the same run.")
+    report_to: str = option("tensorboard", "Where to log the run as it trains, besides RUN/metrics.jsonl: TensorBoard "
+                                           "(under --logging-dir), wandb (pip install \"dreambooth[wandb]\"), all, "
+                                           "or none.", choices=REPORT_TO)
+    logging_dir: str | None = option(None, "Folder of the trackers' logs (default: RUN/logs).", non_empty=True)
+    tracker_project: str = option("dreambooth", "The trackers' project name (a wandb project).", non_empty=True)
+    license: str | None = option(None, "The model card's license (default: the base model's, where its card is "
+                                       "known).", non_empty=True)
     on_nan: str = option(
         "stop", "A step whose loss or gradient is NaN or infinite: stop the run there (its last checkpoint intact), "
                 "or skip that update and go on (skips are counted in metrics.jsonl).", choices=ON_NAN_CHOICES)
@@ -226,7 +240,8 @@ def class_images_config(config: TrainConfig) -> ClassImagesConfig:
         model=config.model, prompt=config.class_prompt, output=config.class_dir,
         num_images=config.num_class_images, steps=config.class_image_steps, guidance=config.class_image_guidance,
         batch_size=config.class_image_batch_size, seed=config.seed, scheduler=config.class_image_scheduler,
-        model_config=config.model_config, vae=config.vae, allow_pickle=config.allow_pickle,
+        model_config=config.model_config, vae=config.vae, revision=config.revision, variant=config.variant,
+        allow_pickle=config.allow_pickle,
     )
 
 
@@ -248,6 +263,8 @@ class GenerateConfig:
     lora_scale: float = option(1.0, "Strength of a LoRA run's adapters (0 renders the base model).", non_negative=True)
     model_config: str | None = option(None, MODEL_CONFIG_HELP)
     vae: str | None = option(None, VAE_HELP)
+    revision: str | None = option(None, REVISION_HELP, non_empty=True)
+    variant: str | None = option(None, VARIANT_HELP, non_empty=True)
     overwrite: bool = option(
         False, "Write into an --output that already holds a generation (old files are moved aside).")
     allow_pickle: bool = option(False, "Allow loading a pickled .ckpt model (runs code from the file).")
@@ -325,6 +342,36 @@ class ExportConfig:
     lora_scale: float = option(1.0, "Strength of the LoRA when merging it.", non_negative=True)
     overwrite: bool = option(False, "Replace an existing --output (the old one is moved aside, not deleted).")
     allow_pickle: bool = option(False, "Allow loading a pickled .ckpt base model (runs code from the file).")
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+@dataclass
+class PushConfig:
+    """Upload a finished run to the Hugging Face Hub: the pipeline (or the LoRA), the model card and its samples."""
+
+    run: str = option(help="A finished RUN folder.", positional=True)
+    repo_id: str = option(help="The hub repository to create or update, USER/NAME.", non_empty=True)
+    private: bool = option(False, "Create the repository private.")
+    include_checkpoints: bool = option(False, "Also upload RUN/checkpoints/ (resumable state; large).")
+    dry_run: bool = option(False, "List what would be uploaded, and upload nothing.")
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+@dataclass
+class InspectDataConfig:
+    """Show what the trainer will see: a contact sheet of the exact crops (and masks), and warnings."""
+
+    instance_dir: str = option(help="Folder of instance images (a .txt beside an image is its caption).")
+    output: str = option(help="Folder for contact-sheet.png and the table.")
+    class_dir: str | None = option(None, "Folder of class images.", non_empty=True)
+    instance_mask_dir: str | None = option(None, "Folder of masks named as the instance images.", non_empty=True)
+    resolution: int = option(512, "Training resolution in pixels.", positive=True)
+    center_crop: bool = option(False, "Centre crops, as train --center-crop (default: the random crops of step 1).")
+    overwrite: bool = option(False, "Write into an --output that holds an earlier sheet (it is moved aside).")
 
     def __post_init__(self) -> None:
         validate_fields(self)
