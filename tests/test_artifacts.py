@@ -153,7 +153,9 @@ def test_a_samples_prompt_is_read_from_its_png_or_the_validation_prompts(tmp_pat
     info = PngInfo()
     info.add_text("dreambooth", json.dumps({"prompt": "from the json chunk", "seed": 0}))
     image.save(tmp_path / "p0-seed0.png", pnginfo=info)
-    image.save(tmp_path / "p1-seed3.png")
+    info = PngInfo()
+    info.add_text("dreambooth", "{not json")
+    image.save(tmp_path / "p1-seed3.png", pnginfo=info)
     image.save(tmp_path / "other.png")
     assert sample_prompt(tmp_path / "p0-seed0.png", settings) == "from the json chunk"
     assert sample_prompt(tmp_path / "p1-seed3.png", settings) == "second"

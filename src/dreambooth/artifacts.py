@@ -8,7 +8,6 @@ push` puts the trained model at the root and the card's files at the same relati
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -119,20 +118,16 @@ def base_model_license(run: dict[str, Any], settings: dict[str, Any]) -> str | N
 
 
 def sample_prompt(image: Path, settings: dict[str, Any]) -> str | None:
-    """A validation image's prompt, from its PNG text (our JSON record, or the older `prompt` chunk), else from the
-    validation prompts by the index in its name."""
-    from PIL import Image
+    """A validation image's prompt, from its PNG record, else from the validation prompts by the index in its name
+    (an image from before the record, or without one)."""
+    from dreambooth.png_metadata import read_png_record
 
-    with Image.open(image) as png:
-        text = dict(getattr(png, "text", {}))
     try:
-        record = json.loads(text.get("dreambooth", "{}"))
-    except json.JSONDecodeError:
-        record = {}
-    if isinstance(record, dict) and record.get("prompt"):
-        return str(record["prompt"])
-    if text.get("prompt"):
-        return text["prompt"]
+        prompt = read_png_record(image).get("prompt")
+    except (ValueError, AttributeError):  # a garbled record: the name still tells
+        prompt = None
+    if prompt:
+        return str(prompt)
     prompts = settings.get("validation_prompt") or []
     index = int(match[1]) if (match := SAMPLE_NAME.match(image.name)) else len(prompts)
     return prompts[index] if index < len(prompts) else None
