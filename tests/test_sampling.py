@@ -342,3 +342,21 @@ def test_generate_refuses_a_folder_another_process_writes(tiny_model, tmp_path):
             generate(generate_config(tiny_model, out))
         assert [p.name for p in out.iterdir()] == [".dreambooth.lock"]
     assert not out.exists()
+
+
+def test_generate_and_class_images_load_the_variant_asked_for(tiny_model, tmp_path, capsys):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from dreambooth.cli import main
+
+    folder = tmp_path / "fp16"
+    StableDiffusionPipeline.from_pretrained(tiny_model).to(torch.float16).save_pretrained(folder, variant="fp16")
+    common = ["--model", str(folder), "--steps", "1", "--height", "32", "--width", "32"]
+    assert main(["generate", *common, "--prompt", "a cat", "--output", str(tmp_path / "plain")]) == 2
+    assert "--variant fp16" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main(["generate", *common, "--prompt", "a cat", "--variant", "fp16", "--output", str(tmp_path / "gen")]) == 0
+    assert generation_record(GenerateConfig(model=str(folder), prompt=["a cat"], output="x", variant="fp16"))[
+        "variant"] == "fp16"  # another variant is another generation
+    assert main(["class-images", "--model", str(folder), "--steps", "1", "--prompt", "a cat", "--num-images", "1",
+                 "--variant", "fp16", "--output", str(tmp_path / "cats")]) == 0

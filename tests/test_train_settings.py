@@ -360,7 +360,7 @@ def test_every_training_setting_has_a_row():
         "save_pipeline_at", "checkpoint_every", "keep_checkpoints", "resume", "overwrite",  # test_train.py
         "checkpoint_minutes", "on_nan",  # test_train.py (timed checkpoints; skipped updates), test_faults.py
         "report_to", "logging_dir", "tracker_project",  # test_tracking.py: what is logged, not what is computed
-        "license", "revision", "variant",  # test_hub.py (the card), test_models.py (which weights load)
+        "license", "revision", "variant",  # test_artifacts.py (the card), test_models.py (which weights load)
         "validation_prompt", "validation_every", "validation_seeds", "validation_sampling_steps",  # test_train.py
         "allow_pickle", "model_config", "vae",  # test_models.py
         "estimate_memory",  # test_memory.py: it stops before training

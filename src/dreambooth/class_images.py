@@ -68,7 +68,8 @@ def top_up_class_images(config: ClassImagesConfig, flag: str = "--output") -> li
         if missing <= 0:
             return have
         print(f"class images: {folder} holds {len(have)}; generating {missing} with '{config.prompt}'")
-        source = resolve_model(config.model, config.allow_pickle, config.model_config)
+        source = resolve_model(config.model, config.allow_pickle, config.model_config,
+                               revision=config.revision, variant=config.variant)
         device = default_device()
         pipeline = load_pipeline(source, torch_dtype=inference_dtype(device), vae=config.vae,
                                  **without_safety_checker(source)).to(device)

@@ -191,7 +191,8 @@ def _estimate(where: str, lora_rank: int | None, lora_alpha: float | None, lora_
 def estimate_for_config(config: TrainConfig, source: ModelSource | None = None, *,
                         cached_images: int = 0) -> MemoryEstimate:
     """`estimate_memory` with a run's settings (the caller knows whether latents are cached, and how many)."""
-    source = source or resolve_model(config.model, config.allow_pickle, config.model_config)
+    source = source or resolve_model(config.model, config.allow_pickle, config.model_config,
+                                     revision=config.revision, variant=config.variant)
     # With prior preservation a class image joins each instance image in the same forward pass.
     batch_size = config.train_batch_size * (2 if config.with_prior_preservation else 1)
     return estimate_memory(
@@ -225,7 +226,8 @@ def out_of_memory_message(config: TrainConfig, device_total_bytes: int | None, e
     (a few MiB). It never raises: it explains an error already being reported."""
     switches = memory_switches(config)
     try:
-        source = resolve_model(config.model, config.allow_pickle, config.model_config)
+        source = resolve_model(config.model, config.allow_pickle, config.model_config,
+                               revision=config.revision, variant=config.variant)
 
         def peak(changes: dict[str, Any]) -> int:
             return estimate_for_config(dataclasses.replace(config, **changes), source).peak

@@ -220,7 +220,9 @@ def generation_record(config: GenerateConfig) -> dict[str, Any]:
               "lora_scale": config.lora_scale, "prompt": list(config.prompt), "negative_prompt": config.negative_prompt,
               "seeds": list(dict.fromkeys(config.seeds)), "scheduler": list(dict.fromkeys(config.scheduler)),
               "steps": list(dict.fromkeys(config.steps)), "guidance": list(dict.fromkeys(config.guidance)),
-              "height": config.height, "width": config.width}
+              "height": config.height, "width": config.width,
+              # Only when given, so a folder made before these settings existed still continues.
+              **{name: getattr(config, name) for name in ("revision", "variant") if getattr(config, name)}}
     return json.loads(json.dumps(record))  # as it reads back from the file (tuples become lists)
 
 
@@ -312,7 +314,8 @@ def generate(config: GenerateConfig) -> Path:
         todo = [(setting, batch) for setting, batch in batches if any((setting, *c) not in done for c in batch)]
         if todo:
             device = default_device()
-            source = resolve_model(config.model, config.allow_pickle, config.model_config)
+            source = resolve_model(config.model, config.allow_pickle, config.model_config,
+                                   revision=config.revision, variant=config.variant)
             check_latent_size(source_vae_scale_factor(source), {"--height": config.height, "--width": config.width})
             pipeline = load_pipeline(source, torch_dtype=inference_dtype(device), lora_scale=config.lora_scale,
                                      vae=config.vae).to(device)
