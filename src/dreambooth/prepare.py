@@ -19,6 +19,7 @@ from dreambooth.data import DreamBoothData
 from dreambooth.encoding import identifier_token_ids
 from dreambooth.errors import UserError
 from dreambooth.models import Components, default_device
+from dreambooth.tracking import accelerator_options, check_trackers
 
 LORA_STREAM = 5  # seeds.mix stream of the LoRA adapters' initial weights
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # SD has the first only
@@ -26,19 +27,20 @@ OFFLOAD_DEVICE = "cpu"  # where encoders whose every answer is cached wait (test
 
 
 def make_accelerator(config: TrainConfig):
-    """The Accelerator of one run: devices, processes, mixed precision, gradient accumulation."""
+    """The Accelerator of one run: devices, processes, mixed precision, gradient accumulation, trackers."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     if config.mixed_precision == "fp16" and default_device().type == "cpu":
         raise UserError("--mixed-precision fp16 needs a GPU; on a CPU use bf16 or no")
+    check_trackers(config.report_to)
     # accelerate keeps one process-wide state that refuses a second Accelerator with another mixed precision;
     # a sweep, the demo or a test trains several runs in one process, so the previous run's state is dropped
     # (the distributed part, PartialState, is kept).
     AcceleratorState._reset_state()
     try:
         return Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
-                           mixed_precision=config.mixed_precision)
+                           mixed_precision=config.mixed_precision, **accelerator_options(config))
     except ValueError as error:
         raise UserError(f"--mixed-precision {config.mixed_precision}: {error}") from error
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import math
 import signal
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from dreambooth import __version__, seeds
@@ -41,6 +41,7 @@ from dreambooth.prepare import (OFFLOAD_DEVICE, TEXT_ENCODERS, allow_tf32, cache
 from dreambooth.sampling import SamplingSetting, render, save_png
 from dreambooth.saving import save_trained
 from dreambooth.step import micro_batch_loss, step_settings
+from dreambooth.tracking import RunTracking, metrics_record, start_run_tracking
 
 VALIDATION_SCHEDULER = "ddim"
 VALIDATION_GUIDANCE = 7.5  # Stable Diffusion's usual guidance scale
@@ -55,21 +56,23 @@ class StepResult:
     instance_loss: torch.Tensor
     prior_loss: torch.Tensor | None
     lr: float  # the UNet's learning rate in this step
+    text_encoder_lr: float | None  # the text encoders' rate, when they train
     grad_norm: torch.Tensor | None  # before clipping; None if no micro-batch synchronised the gradients
     skipped: bool = False  # --on-nan skip left this step's update out
 
 
-def train(config: TrainConfig) -> RunPaths:
+def train(config: TrainConfig, tracker_group: str | None = None) -> RunPaths:
     """Fine-tune `config.model` on the instance images and write a RUN folder; return its paths. A second
     process on the same folder, running out of GPU memory or disk space, ends in one line (a UserError);
-    SIGTERM or Ctrl-C ends in a checkpoint and `Stopped`, whose message is the command that resumes."""
+    SIGTERM or Ctrl-C ends in a checkpoint and `Stopped`, whose message is the command that resumes.
+    `tracker_group` groups the run with others in wandb (a sweep's runs)."""
     from accelerate import PartialState
 
     # One writer per run folder: the main process holds its lock for the whole run.
     with (folder_lock(Path(config.output)) if PartialState().is_main_process else contextlib.nullcontext(),
           stop_requests("optimizer step") as stop):
         try:
-            return train_run(config, stop)
+            return train_run(config, stop, tracker_group)
         except torch.cuda.OutOfMemoryError as error:  # torch.OutOfMemoryError from torch 2.5 on; this name in 2.4 too
             raise UserError(out_of_memory_line(config, error)) from error
         except OSError as error:
@@ -97,7 +100,7 @@ def out_of_memory_line(config: TrainConfig, error: Exception) -> str:
     return out_of_memory_message(config, total, str(error))
 
 
-def train_run(config: TrainConfig, stop: StopRequest) -> RunPaths:
+def train_run(config: TrainConfig, stop: StopRequest, tracker_group: str | None = None) -> RunPaths:
     """`train` itself; `stop` is asked after every optimizer step."""
     # 1. Claim the run folder before any slow work, so a mistake there fails at once.
     source = resolve_model(config.model, config.allow_pickle, config.model_config)
@@ -149,14 +152,18 @@ def train_run(config: TrainConfig, stop: StopRequest) -> RunPaths:
         seconds_before, skips_before = truncate_metrics(paths, start_step)
         print(f"resuming {paths.root} at step {start_step}" if start_step
               else "--resume: no checkpoint yet; starting at step 0")
+    record = run_record(config, components)
     if accelerator.is_main_process:
-        atomic_write_text(paths.config, run_record(config, components))
+        atomic_write_text(paths.config, yaml.safe_dump(record, sort_keys=False))
     step_models = cached_encoders(components, config)
     if start_step >= config.max_train_steps:
         print(f"{paths.root} already reached step {start_step}; nothing to train")
         offloaded = []
     else:
         offloaded = fill_caches(step_models, data, accelerator)
+    # After RUN/config.yaml, so a tracker that cannot start leaves a run that --resume continues.
+    tracked = start_run_tracking(accelerator, config, record, start_step, seconds_before, tracker_group,
+                                 then=f"; then continue with {resume_command(paths)}")
 
     # 6. The loop: encode -> noise -> predict -> loss -> step. The losses stay on the device until a flush
     #    (every --log-every steps, and before anything that must see every step recorded), so the GPU never
@@ -177,7 +184,7 @@ def train_run(config: TrainConfig, stop: StopRequest) -> RunPaths:
             validation = needs_validation(step, config) and not stopping
             saves = step in config.save_pipeline_at and step < config.max_train_steps
             if step % config.log_every == 0 or checkpoint or validation or saves:
-                last_loss, skips = write_metrics(pending, paths, accelerator, skips)
+                last_loss, skips = write_metrics(pending, paths, accelerator, skips, tracked)
                 progress.set_postfix(loss="-" if last_loss is None else f"{last_loss:.4f}",
                                      **({"skipped": skips} if skips else {}))
                 pending = []
@@ -191,7 +198,11 @@ def train_run(config: TrainConfig, stop: StopRequest) -> RunPaths:
                 raise Stopped(signum, f"stopped at step {step} of {config.max_train_steps} ({signal_name(signum)}); "
                                       f"checkpoint {paths.checkpoint(step)}; continue with: {resume_command(paths)}")
             if validation:
-                write_validation_images(components, accelerator, paths, step, config, offloaded)
+                tracked.log_validation(step, write_validation_images(components, accelerator, paths, step, config,
+                                                                     offloaded))
+    except BaseException:
+        tracked.finish(failed=True)  # wandb shows the run failed; --resume continues it
+        raise
     finally:  # the bar's line ends however the loop does, so an error prints on a line of its own
         progress.close()
 
@@ -234,7 +245,7 @@ def train_step(step: int, components: Components, trained: dict[str, torch.nn.Mo
                optimizer, lr_schedule, accelerator, config: TrainConfig) -> StepResult:
     """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean losses."""
     settings = step_settings(config)
-    lr = lr_schedule.get_last_lr()[0]  # the rate this step applies (the schedule moves on after it)
+    rates = lr_schedule.get_last_lr()  # the rates this step applies (the schedule moves on after it): UNet first
     totals: dict[str, Any] = {"loss": 0.0, "instance": 0.0, "prior": 0.0}
     has_prior, grad_norm, skipped = False, None, False
     for micro_step in range(config.gradient_accumulation_steps):
@@ -263,14 +274,16 @@ def train_step(step: int, components: Components, trained: dict[str, torch.nn.Mo
             totals["prior"] += accelerator.gather(parts.prior_loss.detach()).mean()
     count = config.gradient_accumulation_steps
     return StepResult(totals["loss"] / count, totals["instance"] / count,
-                      totals["prior"] / count if has_prior else None, lr,
+                      totals["prior"] / count if has_prior else None, rates[0],
+                      rates[1] if config.train_text_encoder else None,
                       grad_norm.detach() if isinstance(grad_norm, torch.Tensor) else grad_norm, skipped)
 
 
 def write_metrics(pending: list[tuple[int, StepResult, float]], paths: RunPaths, accelerator,
-                  skips: int) -> tuple[float | None, int]:
+                  skips: int, tracked: RunTracking | None = None) -> tuple[float | None, int]:
     """Read the pending steps' numbers off the device (one wait for the GPU), append them to metrics.jsonl
-    (main process), and return the last loss recorded and the run's count of skipped steps so far.
+    (main process) and log them to the trackers, and return the last loss recorded and the run's count of
+    skipped steps so far.
 
     A non-finite loss or gradient norm in a step that was not skipped stops the run with one line: nothing after
     the step before it is saved, so the newest checkpoint and metrics.jsonl (always valid JSON) stay finite."""
@@ -285,6 +298,8 @@ def write_metrics(pending: list[tuple[int, StepResult, float]], paths: RunPaths,
             if accelerator.is_main_process:
                 for kept in records:
                     append_jsonl(paths.metrics, kept)
+            if tracked:
+                tracked.log_steps(records)
             what = "loss" if "loss" in broken else "gradient norm"
             value = result.loss if what == "loss" else result.grad_norm
             raise UserError(f"step {step}: the {what} is {float(value)}, training stopped (nothing after step "
@@ -294,6 +309,8 @@ def write_metrics(pending: list[tuple[int, StepResult, float]], paths: RunPaths,
     if accelerator.is_main_process:
         for record in records:
             append_jsonl(paths.metrics, record)
+    if tracked:
+        tracked.log_steps(records)
     losses = [record["loss"] for record in records if record["loss"] is not None]
     return (losses[-1] if losses else None), skips
 
@@ -321,29 +338,14 @@ def needs_validation(step: int, config: TrainConfig) -> bool:
     return periodic or step == config.max_train_steps
 
 
-def metrics_record(step: int, result: StepResult, seconds: float, skips: int = 0) -> dict[str, Any]:
-    """One metrics.jsonl line; a non-finite number is written as null, so the line is valid JSON."""
-    def number(value: torch.Tensor | float | None) -> float | None:
-        return None if value is None or not math.isfinite(value := float(value)) else value
-
-    record: dict[str, Any] = {"step": step, "loss": number(result.loss), "instance_loss": number(result.instance_loss)}
-    if result.prior_loss is not None:
-        record["prior_loss"] = number(result.prior_loss)
-    record.update(lr=result.lr, grad_norm=number(result.grad_norm), seconds=round(seconds, 3))
-    if result.skipped:
-        record["skipped"] = True
-    if skips:
-        record["skipped_steps"] = skips  # how many updates --on-nan skip has left out so far in the run
-    return record
-
-
 def write_validation_images(components: Components, accelerator, paths: RunPaths, step: int, config: TrainConfig,
-                            offloaded: list = ()) -> None:
+                            offloaded: list = ()) -> list[tuple[str, str, Any]]:
     """Render the validation prompts with fixed seeds into validation/step-NNNNNN/, with the encoders that
-    `offloaded` caches moved off the device brought back for it (and sent away again after)."""
+    `offloaded` caches moved off the device brought back for it (and sent away again after). Return each
+    image's (name, prompt, image) for the trackers (none on the other processes)."""
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
-        return
+        return []
     for cache in offloaded:
         cache.restore()
     unwrapped = {name: accelerator.unwrap_model(getattr(components, name)) for name in ("unet",) + TEXT_ENCODERS
@@ -353,13 +355,15 @@ def write_validation_images(components: Components, accelerator, paths: RunPaths
     setting = SamplingSetting(config.validation_sampling_steps, VALIDATION_GUIDANCE, VALIDATION_SCHEDULER)
     for module in unwrapped.values():
         module.eval()
+    written = []
     with atomic_dir(paths.validation_step(step)) as folder, accelerator.autocast():
         for index, prompt in enumerate(config.validation_prompt):
             seeds = list(config.validation_seeds)
             images = render(pipeline, [prompt] * len(seeds), seeds, setting,
                             height=config.resolution, width=config.resolution, batch_size=len(seeds))
             for seed, image in zip(seeds, images):
-                save_png(image, folder / f"p{index}-seed{seed}.png",
+                written.append((f"p{index}-seed{seed}", prompt, image))
+                save_png(image, folder / f"{written[-1][0]}.png",
                          {"prompt": prompt, "seed": seed, "steps": setting.steps, "guidance": setting.guidance,
                           "scheduler": setting.scheduler, "training_step": step})
     for name in trained_names(components, config):
@@ -367,6 +371,7 @@ def write_validation_images(components: Components, accelerator, paths: RunPaths
     for cache in offloaded:
         cache.offload(OFFLOAD_DEVICE)
     accelerator.wait_for_everyone()
+    return written
 
 
 def trained_names(components: Components, config: TrainConfig) -> list[str]:
@@ -374,10 +379,8 @@ def trained_names(components: Components, config: TrainConfig) -> list[str]:
     return ["unet"] + (encoders if config.train_text_encoder else [])
 
 
-def run_record(config: TrainConfig, components: Components) -> str:
+def run_record(config: TrainConfig, components: Components) -> dict[str, Any]:
     """RUN/config.yaml: every resolved setting plus what the run was made from."""
-    import yaml
-
     # --resume and --overwrite are what one command did, not settings: RUN/config.yaml resumes the run as a --config.
     record = {**to_dict(config), "resume": False, "overwrite": False}
     record[RUN_RECORD] = {
@@ -388,4 +391,4 @@ def run_record(config: TrainConfig, components: Components) -> str:
         "family": components.family,
         "prediction_type": components.prediction_type,
     }
-    return yaml.safe_dump(record, sort_keys=False)
+    return record
