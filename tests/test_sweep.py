@@ -127,7 +127,8 @@ def test_two_rates_by_two_step_counts_train_exactly_two_runs_and_resume(tiny_mod
 
     trainings: list[str] = []
     real_train = training.train
-    monkeypatch.setattr(training, "train", lambda config: trainings.append(config.output) or real_train(config))
+    monkeypatch.setattr(training, "train", lambda config, **options: trainings.append(config.output)
+                        or real_train(config, **options))
     run_metrics = (output / "runs" / "lr0.0001" / "metrics.jsonl").read_text()
     first_grid = (output / "samples" / "lr0.0001-steps1" / "grid.png").stat().st_mtime_ns
     run_sweep(SweepConfig(sweep=str(sweep_file), output=str(output)))
@@ -185,6 +186,17 @@ def test_measured_sweep_shares_class_images_and_writes_metrics(tiny_model, insta
                (output / "samples" / "lr0.001-prior1-steps1" / "manifest.jsonl").read_text().splitlines()]
     assert samples.count("a photo of a cat") == 2  # the class prompt was rendered for PRES
     assert "lr0.001-prior1-steps1" in (output / "report.md").read_text()
+    # TensorBoard (the default tracker): each trial a run of its own under SWEEP/logs, its metrics at its step.
+    from dreambooth.tracking import trial_summary
+    from test_tracking import events
+
+    for trial in ("lr0.001-prior0-steps1", "lr0.001-prior1-steps1"):
+        logged = events(output / "logs" / trial)
+        summary = trial_summary([row for row in rows if row["trial"] == trial])
+        assert {tag: [(e.step, e.value) for e in logged.Scalars(tag)] for tag in logged.Tags()["scalars"]} == {
+            f"trial/{name}": [(1, pytest.approx(value, rel=1e-6))] for name, value in summary.items()}
+        assert {"DINO", "CLIP-I", "CLIP-T", "PRES", "DIV"} <= set(summary)
+    assert list((output / "logs" / "runs" / "lr0.001-prior1" / "dreambooth").glob("events.out.tfevents.*"))
 
 
 def test_devices_run_training_runs_side_by_side_in_worker_processes(tiny_model, instance_dir, tmp_path):
@@ -226,7 +238,7 @@ def test_a_grid_over_lora_rank_trains_lora_runs_samples_them_and_skips_them_when
     assert len(manifests) == 4 and all(len(m.read_text().splitlines()) == 2 for m in manifests)
     import dreambooth.train as training
 
-    monkeypatch.setattr(training, "train", lambda config: pytest.fail(f"{config.output} trained again"))
+    monkeypatch.setattr(training, "train", lambda config, **_: pytest.fail(f"{config.output} trained again"))
     run_sweep(SweepConfig(sweep=str(sweep_file), output=str(output)))
 
 
@@ -244,7 +256,7 @@ def test_a_stopped_sweep_lets_the_folder_go_and_the_same_command_continues(tiny_
     output = tmp_path / "sweep"
 
     # Training that stops on a signal (after its checkpoint) stops the sweep; the trials are not "failed".
-    def stopped_training(config):
+    def stopped_training(config, **_):
         raise Stopped(signal.SIGTERM, "stopped after step 1 (SIGTERM); run the same command again to resume")
 
     real_train = training.train
@@ -272,7 +284,7 @@ def test_a_stopped_sweep_lets_the_folder_go_and_the_same_command_continues(tiny_
 
     # The same command: nothing trained or sampled twice.
     monkeypatch.setattr(sweeping, "sample_trial", real_sample)
-    monkeypatch.setattr(training, "train", lambda config: pytest.fail(f"{config.output} trained again"))
+    monkeypatch.setattr(training, "train", lambda config, **_: pytest.fail(f"{config.output} trained again"))
     run_sweep(config)
     assert trial_statuses(output) == ["done", "done"] and (output / "report.html").is_file()
     assert (output / "samples" / "run-steps1" / "grid.png").read_bytes() == first_grid
@@ -289,3 +301,6 @@ def test_a_sweep_refuses_a_folder_being_written_or_holding_files_of_others(tiny_
     with pytest.raises(UserError, match=r"holds report.md, which no sweep wrote; pick a new or empty folder$"):
         run_sweep(config)
     assert [(p.name, p.read_text()) for p in (tmp_path / "sweep").iterdir()] == [("report.md", "my notes")]
+    (tmp_path / "board" / "logs").mkdir(parents=True)  # the trackers' folder is a sweep's too
+    with pytest.raises(UserError, match=r"holds logs, which no sweep wrote"):
+        run_sweep(SweepConfig(sweep=config.sweep, output=str(tmp_path / "board")))

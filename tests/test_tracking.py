@@ -16,6 +16,7 @@ from dreambooth.tracking import (STEP_SCALARS, STEPS_PER_SECOND, RunTracking, lo
                                  trial_summary)
 from dreambooth.train import train
 
+from conftest import write_images
 from test_train import make_config
 
 
@@ -97,7 +98,9 @@ def test_a_resumed_run_continues_its_tensorboard_run_with_each_step_once(tiny_mo
     import dreambooth.train as training
 
     run = tmp_path / "run"
-    config = make_config(tiny_model, instance_dir, run, max_train_steps=4, checkpoint_every=2, log_every=1)
+    write_images(tmp_path / "class", 2, seed=1)  # a full class folder: prior preservation without generating
+    config = make_config(tiny_model, instance_dir, run, max_train_steps=4, checkpoint_every=2, log_every=1,
+                         class_prompt="a photo of a cat", class_dir=str(tmp_path / "class"), num_class_images=2)
     # Killed after step 3 was logged: the resume goes back to the step-2 checkpoint and trains step 3 again.
     real = training.write_metrics
 
@@ -112,13 +115,15 @@ def test_a_resumed_run_continues_its_tensorboard_run_with_each_step_once(tiny_mo
         train(config)
     monkeypatch.setattr(training, "write_metrics", real)
     first = metric_lines(run)
-    assert [r["step"] for r in first] == [1, 2, 3]
+    assert [r["step"] for r in first] == [1, 2, 3] and all(r["prior_loss"] for r in first)
     config.resume = True
     train(config)
     records = metric_lines(run)
     folder = run / "logs" / "dreambooth"
     assert len(list(folder.glob("events.out.tfevents.*"))) == 2  # one folder, one file per start
     logged = logged_scalars(events(folder))
+    assert set(logged) == {"train/loss", "train/instance_loss", "train/prior_loss", "train/lr", "train/grad_norm",
+                           STEPS_PER_SECOND}
     assert_same({tag: points for tag, points in logged.items() if tag != STEPS_PER_SECOND},
                 {tag: points for tag, points in expected_scalars(records).items() if tag != STEPS_PER_SECOND})
     # Steps per second after the resume count from the checkpoint's step and its training seconds.
@@ -335,3 +340,19 @@ def test_wandb_logs_a_sweep_trial_as_a_run_of_the_sweeps_group_with_its_metrics_
     run = logged["run"]
     assert (run.project, run.run_group, run.job_type, run.display_name) == ("p", "my-sweep", "trial", "lr1-steps2")
 
+
+def test_a_sweeps_training_runs_and_trials_share_its_wandb_group(offline_wandb, tiny_model, instance_dir, tmp_path):
+    from dreambooth.config import SweepConfig
+    from dreambooth.sweep import run_sweep
+
+    from test_sweep import write_sweep
+
+    sweep_file = write_sweep(tmp_path, tiny_model, instance_dir, grid={"learning_rate": [1e-3]}, max_train_steps=1,
+                             sampling={"steps": [1], "guidance": [3.0]}, seeds=[0], report_to="wandb")
+    run_sweep(SweepConfig(sweep=str(sweep_file), output=str(tmp_path / "my-sweep")))
+    logs = tmp_path / "my-sweep" / "logs"
+    training, trial = wandb_run(logs / "runs" / "lr0.001"), wandb_run(logs / "lr0.001-steps1")
+    assert (training["run"].run_group, training["run"].job_type, training["run"].display_name) == (
+        "my-sweep", "train", "lr0.001")
+    assert sorted(training["history"]) == [1]
+    assert (trial["run"].run_group, trial["run"].job_type) == ("my-sweep", "trial")

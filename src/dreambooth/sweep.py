@@ -23,6 +23,7 @@ from dreambooth.interrupts import StopRequest, Stopped, signal_name, stop_reques
 from dreambooth.options import build_config, load_config_file
 from dreambooth.sweep_files import (METRIC_ROWS, SWEEP_COPY, TRIALS, check_sweep_folder, fill_prompt,
                                     plain_class_prompt, read_trial_records)
+from dreambooth.tracking import log_trial, sweep_logging_dir
 
 # The sweep's own keys; every other key is a training setting. `identifier:` is both: it fills {id} in the
 # prompts and is TrainConfig.identifier (the word whose embeddings --token-embedding-learning-rate trains).
@@ -128,6 +129,7 @@ def train_config(sweep: Sweep, trial: Trial, directory: Path, source: str = "swe
     steps = steps or [trial.step]
     values.update(max_train_steps=max(steps), save_pipeline_at=sorted(set(steps) - {max(steps)}),
                   output=str(directory / "runs" / trial.run), resume=True)
+    values["logging_dir"] = str(sweep_logging_dir(sweep.base.get("logging_dir"), directory) / "runs" / trial.run)
     values.setdefault("checkpoint_every", math.gcd(*steps))
     values.setdefault("keep_checkpoints", 1)
     if values.get("cache", True):
@@ -174,7 +176,7 @@ def sweep_folder(config: SweepConfig, sweep: Sweep, directory: Path, request: St
         earlier = read_trial_records(directory)
         for trial in trials:  # a resumed sweep shows what was finished before, until it passes that trial again
             trial.status = earlier.get(trial.name, {}).get("status", "pending")
-        write_trials(trials, directory)
+        write_jsonl(directory / TRIALS, [trial.record() for trial in trials])
         print(f"sweep: {len(trials)} trials from {len(runs)} training runs -> {directory}")
 
         # 1. Class images, once per (model, class prompt, folder) for every run that uses them.
@@ -233,6 +235,9 @@ def run_each(sweep: Sweep, runs: dict[str, list[Trial]], directory: Path, reques
             if sweep.evaluation.get("enabled", True) and not is_evaluated(trial, directory):
                 models = models or load_evaluation_models(sweep)
                 evaluate_trial(sweep, trial, directory, models)
+            logs = sweep_logging_dir(sweep.base.get("logging_dir"), directory)
+            log_trial(train_config(sweep, trial, directory), directory, logs, trial.name,
+                      {"run": trial.run, **trial.settings}, trial.step)
             mark([trial], "done", None, directory)
 
 
@@ -308,7 +313,7 @@ def train_run(sweep: Sweep, trial: Trial, directory: Path, steps: list[int]):
         if finished and finished[-1]["step"] == config.max_train_steps:
             print(f"sweep: run '{trial.run}' already trained")
             return paths
-    return train(config)
+    return train(config, tracker_group=Path(directory).resolve().name)
 
 
 def sample_trial(sweep: Sweep, trial: Trial, pipeline: Path, directory: Path) -> Path:
@@ -370,10 +375,6 @@ def mark(changed: list[Trial], status: str, error: str | None, directory: Path) 
             trial.status, trial.error = status, error
             records[trial.name] = trial.record()
         write_jsonl(directory / TRIALS, records.values())
-
-
-def write_trials(trials: list[Trial], directory: Path) -> None:
-    write_jsonl(directory / TRIALS, [trial.record() for trial in trials])
 
 
 @dataclass

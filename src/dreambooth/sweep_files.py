@@ -17,7 +17,7 @@ TRIALS = "trials.jsonl"  # one line per trial: its run, step, grid values and st
 METRIC_ROWS = "metrics.jsonl"  # `evaluate`'s rows of every trial, each with its "trial"
 # Every name a sweep writes at the top of its folder, the report's included.
 SWEEP_NAMES = [SWEEP_COPY, TRIALS, METRIC_ROWS, "report.html", "report.md", "report_files", "runs", "samples",
-               "class_images", "latent_cache"]
+               "class_images", "latent_cache", "logs"]
 
 
 def fill_prompt(template: str, identifier: str, class_name: str) -> str:
