@@ -574,3 +574,12 @@ def test_a_class_folder_another_process_fills_is_named_by_its_flag(tiny_model, i
     with folder_lock(tmp_path / "class"), pytest.raises(UserError, match=r"^--class-dir .*class: process \d+ on"):
         train(make_config(tiny_model, instance_dir, tmp_path / "run", class_dir=str(tmp_path / "class"),
                           class_prompt="a photo of a cat", num_class_images=2))
+
+
+def test_train_warns_about_the_images_as_inspect_data_does(tiny_model, tmp_path, capsys):
+    folder = tmp_path / "small"
+    folder.mkdir()
+    Image.effect_noise((16, 16), 60).convert("RGB").save(folder / "tiny.png")  # half the resolution
+    train(make_config(tiny_model, folder, tmp_path / "run", max_train_steps=1))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "tiny.png" in warnings[0] and "upscaled" in warnings[0], warnings

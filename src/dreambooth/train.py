@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import errno
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from dreambooth.options import RUN_RECORD, to_dict
 from dreambooth.prepare import (OFFLOAD_DEVICE, TEXT_ENCODERS, allow_tf32, cached_encoders, fill_caches,
                                 learning_rate_schedule, make_accelerator, parameter_groups,
                                 prepare_models, trainable)
+from dreambooth.preview import data_warnings
 from dreambooth.sampling import SamplingSetting, render, save_png
 from dreambooth.saving import save_trained
 from dreambooth.step import micro_batch_loss, step_settings
@@ -103,7 +105,8 @@ def out_of_memory_line(config: TrainConfig, error: Exception) -> str:
 def train_run(config: TrainConfig, stop: StopRequest, tracker_group: str | None = None) -> RunPaths:
     """`train` itself; `stop` is asked after every optimizer step."""
     # 1. Claim the run folder before any slow work, so a mistake there fails at once.
-    source = resolve_model(config.model, config.allow_pickle, config.model_config)
+    source = resolve_model(config.model, config.allow_pickle, config.model_config, revision=config.revision,
+                           variant=config.variant)
     check_trainable(source)
     if config.resolution is None:
         config = dataclasses.replace(config, resolution=native_resolution(source))
@@ -128,6 +131,9 @@ def train_run(config: TrainConfig, stop: StopRequest, tracker_group: str | None 
             top_up_class_images(class_images_config(config), flag="--class-dir")
         classes = load_examples(config.class_dir, config.class_prompt, "--class-dir", limit=config.num_class_images)
     data = DreamBoothData(instance, classes, config.resolution, config.center_crop, config.random_flip, config.seed)
+    if accelerator.is_main_process:  # what `inspect-data` warns about, without its contact sheet
+        for line in data_warnings(instance, classes, config.resolution, config.center_crop):
+            print(f"warning: {line}", file=sys.stderr)
 
     # 3. Models: everything frozen except what this run trains.
     components = load_components(source, vae=config.vae)
