@@ -146,7 +146,7 @@ def test_offline_or_not_logged_in_is_one_line_and_nothing_changes(run, monkeypat
 
 
 def test_hub_refusals_are_one_line():
-    import httpx
+    import httpx2 as httpx  # huggingface_hub's HTTP client (the package httpx2)
     from huggingface_hub.errors import HfHubHTTPError
 
     def refused(status: int) -> HfHubHTTPError:
