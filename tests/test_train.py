@@ -496,6 +496,7 @@ def test_validation_images_are_what_generate_renders_from_the_saved_model(tiny_m
                               validation_prompt=["a photo of miru cat"], validation_seeds=[5],
                               validation_sampling_steps=3))
     (image,) = paths.validation_step(1).glob("*.png")
+    assert f"Model: {tiny_model.parent.name}" in Image.open(image).text["parameters"]  # A1111's short model name
     pipeline = load_pipeline(str(paths.pipeline), torch_dtype=torch.float32)
     (expected,) = render(pipeline, ["a photo of miru cat"], [5], SamplingSetting(3, 7.5, "ddim"),
                          height=TINY_RESOLUTION, width=TINY_RESOLUTION)

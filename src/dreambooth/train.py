@@ -371,7 +371,7 @@ def write_validation_images(components: Components, accelerator, paths: RunPaths
                 written.append((f"p{index}-seed{seed}", prompt, image))
                 save_png(image, folder / f"{written[-1][0]}.png",
                          {"prompt": prompt, "seed": seed, "steps": setting.steps, "guidance": setting.guidance,
-                          "scheduler": setting.scheduler, "training_step": step})
+                          "scheduler": setting.scheduler, "model": config.model, "training_step": step})
     for name in trained_names(components, config):
         unwrapped[name].train()
     for cache in offloaded:
