@@ -14,7 +14,7 @@ from dreambooth.checkpoints import RunPaths
 from dreambooth.config import PushConfig
 from dreambooth.errors import UserError
 from dreambooth.files import LOCK_FILE
-from dreambooth.hub import hub_failure, push, upload_list
+from dreambooth.hub import hub_failure, published_settings, push, upload_list
 from dreambooth.lora import BASE_MODEL, LORA_WEIGHTS
 from dreambooth.train import train
 
@@ -125,7 +125,10 @@ def test_push_creates_the_repository_and_commits_exactly_the_list(run, monkeypat
     # The edited card, moved aside: nothing is lost.
     (kept,) = (path for path in run.root.glob("replaced-*/README.md") if "20250101" not in str(path))
     assert "my own notes" in kept.read_text()
-    assert calls["create_commit"] == [(str(local), name) for local, name in upload_list(run, card)]
+    assert calls["create_commit"] == [(published_settings(run) if name == "config.yaml" else str(local), name)
+                                      for local, name in upload_list(run, card)]
+    published = published_settings(run).decode()  # the photos' and the run's folders by name, not by path
+    assert str(run.root.parent) not in published and "instance_dir: " in published
     assert calls["locked"] and not (run.root / LOCK_FILE).exists()
 
 

@@ -10,12 +10,13 @@ folders, intermediate pipelines, wandb's files, or any instance or class image. 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from dreambooth.artifacts import model_card_text, run_record
-from dreambooth.checkpoints import STEP_FOLDER, RunPaths, is_trained_model
+from dreambooth.checkpoints import PATH_SETTINGS, STEP_FOLDER, RunPaths, is_trained_model
 from dreambooth.config import PushConfig
 from dreambooth.errors import UserError
 from dreambooth.files import atomic_write_text, folder_lock, move_aside
@@ -46,9 +47,9 @@ def push(config: PushConfig) -> str:
             fetch_base_model_card(settings, paths)
             card = write_card_for(paths, settings, repo_id)
             files = upload_list(paths, card, config.include_checkpoints)
-            api.create_commit(repo_id, [CommitOperationAdd(path_in_repo=in_repo, path_or_fileobj=str(local))
-                                        for local, in_repo in files],
-                              commit_message=f"dreambooth run {paths.root.name}")
+            operations = [CommitOperationAdd(path_in_repo=in_repo, path_or_fileobj=(
+                published_settings(paths) if in_repo == paths.config.name else str(local))) for local, in_repo in files]
+            api.create_commit(repo_id, operations, commit_message=f"dreambooth run {paths.root.name}")
         except UserError:
             raise
         except Exception as error:  # the hub client raises many types; hub_failure words each in one line
@@ -112,6 +113,24 @@ def upload_list(paths: RunPaths, card: str, include_checkpoints: bool = False) -
             if folder.is_dir() and STEP_FOLDER.match(folder.name):  # not step-N.damaged nor a temporary folder
                 files.update({in_repo: local for local, in_repo in tree(folder, f"checkpoints/{folder.name}")})
     return sorted(((local, in_repo) for in_repo, local in files.items()), key=lambda item: item[1])
+
+
+LOCAL_PATH_KEYS = PATH_SETTINGS | {"output", "logging_dir", "latent_cache_dir", "base_model", "base_model_location"}
+
+
+def published_settings(paths: RunPaths) -> bytes:
+    """RUN/config.yaml as it goes to the hub: a setting that names a local file or folder (the photos, the run
+    folder, a local base model) is cut to its last name, so a repository never publishes the machine's paths."""
+    import yaml
+
+    def public(key: str, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {inner: public(inner, item) for inner, item in value.items()}
+        local = isinstance(value, str) and (os.path.isabs(value) or os.path.exists(value))
+        return Path(value).name if key in LOCAL_PATH_KEYS and local else value
+
+    record = yaml.safe_load(paths.config.read_text()) or {}
+    return yaml.safe_dump(public("", record), sort_keys=False).encode("utf-8")
 
 
 def tree(folder: Path, prefix: str) -> list[tuple[Path, str]]:
