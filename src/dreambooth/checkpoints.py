@@ -18,7 +18,7 @@ from typing import Any
 
 from dreambooth import lora
 from dreambooth.errors import UserError
-from dreambooth.files import (LOCK_FILE, as_disk_full, atomic_write_text, move_aside, read_jsonl, replace_dir,
+from dreambooth.files import (LOCK_FILE, atomic_write_text, move_aside, read_jsonl, removed_on_failure, replace_dir,
                               write_jsonl)
 
 STEP_FOLDER = re.compile(r"^step-(\d{6,})$")
@@ -155,20 +155,13 @@ def save_checkpoint(accelerator, paths: RunPaths, step: int, keep: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    try:
+    # A full disk (or a second Ctrl-C) mid-write: the partial folder goes, and the older checkpoints stay as they were.
+    with removed_on_failure(tmp):
         accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step}))
             replace_dir(tmp, final)
-    except BaseException as error:
-        # A full disk (or a second Ctrl-C) mid-write: the partial folder goes, so the space comes back and the
-        # older checkpoints stay as they were.
-        full = as_disk_full(error, tmp) if isinstance(error, Exception) else error
-        shutil.rmtree(tmp, ignore_errors=True)
-        if full is not error:
-            raise full from error
-        raise
     if accelerator.is_main_process:
         for _, old in list_checkpoints(paths)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

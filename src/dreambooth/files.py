@@ -127,15 +127,23 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir()
-    try:
+    with removed_on_failure(tmp):
         yield tmp
+    replace_dir(tmp, final)
+
+
+@contextlib.contextmanager
+def removed_on_failure(folder: Path) -> Iterator[None]:
+    """Remove the partly written `folder` if the block fails (a full disk gets its space back), raising a full disk
+    that a library words its own way as ENOSPC (judged before the folder goes)."""
+    try:
+        yield
     except BaseException as error:
-        full = as_disk_full(error, tmp) if isinstance(error, Exception) else error
-        shutil.rmtree(tmp, ignore_errors=True)
+        full = as_disk_full(error, folder) if isinstance(error, Exception) else error
+        shutil.rmtree(folder, ignore_errors=True)
         if full is not error:
             raise full from error
         raise
-    replace_dir(tmp, final)
 
 
 def replace_dir(complete: Path, final: Path) -> None:
